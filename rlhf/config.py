@@ -1,0 +1,137 @@
+"""Typed config schemas and their registration with Hydra.
+
+Every default lives once, in a dataclass here or beside its stage. YAML files in conf/
+and recipes/ state only what differs. Each stage kind's schema is registered as
+`stage/<kind>` in Hydra's ConfigStore, so a recipe slot `/stage@stages.x: dpo` gets
+the typed DPO schema: a typo or a wrong type in an override fails before training,
+naming the key. Recipes live in the top-level `recipes/` folder and are registered as
+the config group `recipe`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rlhf.errors import ConfigError
+from rlhf.model import ModelConfig
+from rlhf.tasks.builtin import TaskConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+@dataclass
+class StageConfig:
+    """Fields every training stage has. A stage's own schema adds its fields (and may change these defaults)."""
+
+    kind: str = MISSING
+    max_steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by every stage."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    log_every: int = 10
+    progress_bar: bool = True
+    num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | none
+    project: str = "rlhf"
+    mode: str = "offline"  # offline (no account, no network) | online | disabled
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation every stage ends with, on the task's held-out prompts."""
+
+    num_prompts: int = 200
+    max_new_tokens: int = 24
+    batch_size: int = 100
+    num_logged_samples: int = 8
+
+
+@dataclass
+class RunConfig:
+    order: list[str] = MISSING
+    stages: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    name: Optional[str] = None  # run name in wandb; defaults to the recipe and run dir
+    resume: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Put the schemas, stage kinds and recipes into Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    from rlhf.stages import stage_kinds
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for kind, module in stage_kinds().items():
+        cs.store(group="stage", name=kind, node=module.Config(kind=kind))
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        node = OmegaConf.load(path)
+        cs.store(group="recipe", name=path.stem, node=node, package="_global_")
+
+
+def typed_stage_config(slot: str, node: Any):
+    """Validate one slot's config against its kind's schema and return the dataclass instance."""
+    from rlhf.stages import stage_kinds
+
+    kinds = stage_kinds()
+    kind = node.get("kind") if isinstance(node, (dict, DictConfig)) else None
+    if kind not in kinds:
+        raise ConfigError(f"stages.{slot}: unknown stage kind {kind!r}; known kinds: {', '.join(sorted(kinds))}")
+    schema = OmegaConf.structured(kinds[kind].Config(kind=kind))
+    try:
+        merged = OmegaConf.merge(schema, node)
+    except Exception as err:  # omegaconf names the key and the problem
+        raise ConfigError(f"stages.{slot}: {err}".splitlines()[0]) from None
+    return OmegaConf.to_object(merged)
+
+
+def typed_run_config(cfg: DictConfig) -> DictConfig:
+    """Merge a composed or saved run config into the schema; check order against slots."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    except Exception as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    if OmegaConf.is_missing(merged, "order") or not merged.order:
+        raise ConfigError("the run has no stages: set `order` (a recipe sets it)")
+    for slot in merged.order:
+        if slot not in merged.stages:
+            raise ConfigError(
+                f"order names slot {slot!r}, which no stage fills; slots: {', '.join(merged.stages) or 'none'}"
+            )
+    if len(set(merged.order)) != len(merged.order):
+        raise ConfigError(f"order repeats a slot: {list(merged.order)}")
+    return merged

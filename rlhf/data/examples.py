@@ -1,0 +1,28 @@
+"""The example types every reader, task and stage exchanges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Rating:
+    """One rated response. `label` is a bin index in [0, num_levels): 1-5 stars -> 0..4, thumbs down/up -> 0/1."""
+
+    prompt: str
+    response: str
+    label: int
+    num_levels: int

@@ -1,0 +1,334 @@
+"""Policy-gradient losses and helpers: PPO, GRPO, Dr. GRPO, RLOO.
+
+Token-level tensors are (B, T) over response tokens, right-padded, with a float
+or bool `mask` (B, T) that is 1 on valid tokens. Masked positions may hold any
+value (even nan/inf) in the forward pass: helpers select with `torch.where`, so
+padding never leaks into a result. Keep padded inputs finite when you backprop
+(a nan there still turns into a nan gradient through `where`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KL_KINDS = ("k1", "k2", "k3")
+GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
+GRPO_LOSS_KINDS = ("grpo", "dr_grpo", "rloo", "reinforce")
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of x over entries where mask is 1 (all entries if dim is None, else along dim)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over entries where mask is 1: sum(x * m) / sum(m).
+
+    A slice with no valid entry gives 0 (the count is clamped to 1) rather than nan,
+    so an empty response cannot poison a batch mean.
+    """
+    count = masked_sum(torch.ones_like(x), mask, dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Whiten x over its masked entries: (x - mean) / sqrt(var + eps).
+
+    mean and var are over ALL valid entries of the tensor; var is the population
+    variance (divide by the count, not count - 1). With shift_mean=False the mean
+    is added back (only the scale changes). Unmasked entries of the output are 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """Per-token estimator of KL(pi || ref) from tokens sampled from pi.
+
+    From J. Schulman, "Approximating KL Divergence" (2020), with log r = ref_logp - logp:
+    - "k1" = logp - ref_logp                      (unbiased, high variance, can be < 0)
+    - "k2" = 0.5 * (logp - ref_logp) ** 2         (biased, low variance, >= 0)
+    - "k3" = exp(log r) - 1 - log r               (unbiased, low variance, >= 0)
+
+    k3 is computed as expm1(log r) - log r for accuracy near 0.
+
+    Returns:
+        (B, T) per-token estimates (mask them yourself).
+    """
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if kind == "k3":
+        log_ratio = ref_logp - logp
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; valid: {', '.join(KL_KINDS)}")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, "High-Dimensional
+    Continuous Control Using Generalized Advantage Estimation").
+
+    Over right-padded response tokens, backwards in t:
+        delta_t = r_t + gamma * V_{t+1} - V_t        (V after the last valid token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}    (A after the last valid token is 0)
+        returns = A + V
+
+    Padded positions get 0 advantage and 0 return. Pass detached rewards/values.
+
+    Args:
+        rewards, values, mask: (B, T).
+
+    Returns:
+        (advantages, returns), both (B, T).
+    """
+    valid = mask.bool()
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
+    values = torch.where(valid, values, torch.zeros_like(values))
+    num_steps = rewards.shape[1]
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(num_steps)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantage = torch.where(valid[:, t], advantage, torch.zeros_like(advantage))
+        advantages_reversed.append(advantage)
+        next_value, next_advantage = values[:, t], advantage
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def _clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float) -> tuple[Tensor, Tensor]:
+    """Per-token PPO surrogate max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) and where the clip is active."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def ppo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization").
+
+    ratio = exp(logp - old_logp)
+    loss  = masked_mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )   over valid tokens
+
+    Args:
+        logp: (B, T) log-probs under the current policy (with grad).
+        old_logp: (B, T) log-probs under the policy that sampled (detached).
+        advantages: (B, T).
+        mask: (B, T).
+        clip_eps: clip range eps.
+
+    Returns:
+        (loss, clip_fraction, approx_kl), scalars. clip_fraction = fraction of
+        valid tokens where the clipped term is strictly larger (active).
+        approx_kl = masked mean of k3 estimating KL(old || new) from the old
+        policy's samples: exp(logp - old_logp) - 1 - (logp - old_logp).
+        The two metrics are detached.
+    """
+    per_token, clip_active = _clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    loss = masked_mean(per_token, mask)
+    clip_fraction = masked_mean(clip_active.to(per_token.dtype), mask).detach()
+    approx_kl = masked_mean(kl_estimate(old_logp, logp, "k3"), mask).detach()
+    return loss, clip_fraction, approx_kl
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float) -> Tensor:
+    """Clipped value loss (as in OpenAI baselines PPO2 / Ziegler et al. 2019).
+
+    v_clip = old_v + clip(v - old_v, -eps, eps)
+    loss   = 0.5 * masked_mean( max((v - R) ** 2, (v_clip - R) ** 2) )
+
+    Args:
+        values: (B, T) current value predictions (with grad).
+        old_values: (B, T) values at rollout time (detached).
+        returns: (B, T) targets (detached).
+        mask: (B, T).
+
+    Returns:
+        Scalar tensor.
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    per_token = torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2)
+    return 0.5 * masked_mean(per_token, mask)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) along the last dim: logsumexp(z) - sum(softmax(z) * z).
+
+    Args:
+        logits: (B, T, V).
+
+    Returns:
+        (B, T) entropy in nats.
+    """
+    return torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var[R - v] / Var[R] over valid tokens (population variances).
+
+    1 = perfect value function, 0 = no better than a constant, < 0 = worse.
+    nan when Var[R] is 0 (undefined).
+    """
+    def var(x: Tensor) -> Tensor:
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+    var_returns = var(returns)
+    ev = 1 - var(returns - values) / var_returns
+    return torch.where(var_returns > 0, ev, torch.full_like(ev, float("nan")))
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models
+    from Human Preferences"):
+
+        proportional_error = clip(current_kl / target - 1, -0.2, 0.2)
+        value *= 1 + proportional_error * n_steps / horizon
+
+    The coefficient rises when the KL is above target and falls when below.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = float(state["horizon"])
+
+
+class FixedKLController:
+    """Constant KL coefficient with the AdaptiveKLController interface; update does nothing."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+def group_advantages(rewards: Tensor, group_size: int, kind: str, eps: float = 1e-6) -> Tensor:
+    """Per-sample advantages from groups of samples of the same prompt.
+
+    rewards (N,) are laid out as N / G consecutive groups of G = group_size samples.
+    With mean and std taken within each group:
+    - "grpo" (Shao et al. 2024, DeepSeekMath): (r - mean) / (std + eps). std is the
+      POPULATION std (unbiased=False, divide by G). TRL's GRPOTrainer uses the
+      unbiased std (divide by G - 1), which gives advantages smaller by
+      sqrt((G - 1) / G); the sign and ordering are the same.
+    - "dr_grpo" (Liu et al. 2025, "Understanding R1-Zero-Like Training"): r - mean,
+      no std division (removes the difficulty bias).
+    - "rloo" (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE ..."):
+      r - mean of the OTHER G - 1 samples = G / (G - 1) * (r - mean). Needs G >= 2.
+
+    Returns:
+        (N,) advantages, same order as rewards.
+    """
+    if kind not in GROUP_ADVANTAGE_KINDS:
+        raise ValueError(f"unknown group advantage kind {kind!r}; valid: {', '.join(GROUP_ADVANTAGE_KINDS)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if kind == "rloo" and group_size < 2:
+        raise ValueError(f"rloo needs group_size >= 2 (leave-one-out), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a length that is a multiple of group_size={group_size}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        advantages = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    elif kind == "dr_grpo":
+        advantages = centered
+    else:  # rloo
+        advantages = centered * group_size / (group_size - 1)
+    return advantages.reshape(-1)
+
+
+def grpo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    kind: str,
+    max_len: int | None = None,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-level clipped surrogate with one advantage per sequence (GRPO family).
+
+    Per token: l_t = max(-A * ratio_t, -A * clip(ratio_t, 1 - eps, 1 + eps))
+                     [+ kl_coef * k3_t,  k3_t = exp(ref_logp - logp) - 1 - (ref_logp - logp)]
+    where A = advantages[b] is broadcast over the sequence's tokens. Aggregation:
+    - "grpo", "rloo", "reinforce": mean over sequences of the per-sequence masked
+      mean over tokens (Shao et al. 2024).
+    - "dr_grpo": mean over sequences of the masked SUM over tokens divided by the
+      constant max_len (T if None), removing the length bias (Liu et al. 2025).
+
+    Args:
+        logp, old_logp, mask: (B, T); ref_logp: (B, T) or None.
+        advantages: (B,) one per sequence.
+        max_len: the constant divisor of "dr_grpo" (ignored by the other kinds).
+        kl_coef: weight of the k3 penalty, applied when ref_logp is given and kl_coef > 0.
+
+    Returns:
+        (loss, metrics) with detached metrics "clip_fraction" (over valid tokens)
+        and, when ref_logp is given, "kl" (masked mean of k3 over valid tokens).
+    """
+    if kind not in GRPO_LOSS_KINDS:
+        raise ValueError(f"unknown GRPO loss kind {kind!r}; valid: {', '.join(GRPO_LOSS_KINDS)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must have shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
+    per_token, clip_active = _clipped_surrogate(logp, old_logp, advantages.unsqueeze(1), clip_eps)
+
+    metrics: dict[str, Tensor] = {}
+    if ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp, "k3")
+        metrics["kl"] = masked_mean(kl, mask).detach()
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * kl
+
+    if kind == "dr_grpo":
+        divisor = logp.shape[1] if max_len is None else max_len
+        if divisor <= 0:
+            raise ValueError(f"max_len must be > 0, got {divisor}")
+        per_sequence = masked_sum(per_token, mask, dim=1) / divisor
+    else:
+        per_sequence = masked_mean(per_token, mask, dim=1)
+    metrics["clip_fraction"] = masked_mean(clip_active.to(per_token.dtype), mask).detach()
+    return per_sequence.mean(), metrics

@@ -1,0 +1,154 @@
+"""Runs a recipe: its stages in order, each with its own Lightning Trainer, handing the
+policy from stage to stage and leaving every finished stage complete on disk.
+
+A stage module provides `Config` and `run(ctx) -> StageResult`; the orchestrator does
+what every stage needs: the logger, the final evaluation, the artifacts and the marker.
+Resume: complete stages are skipped (their weights loaded), an interrupted stage
+continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf import checkpoint
+from rlhf.config import typed_run_config, typed_stage_config
+from rlhf.errors import ConfigError, RLHFError
+from rlhf.evaluation import evaluate_policy
+from rlhf.model import build_model
+from rlhf.stage_context import StageContext
+from rlhf.stages import stage_kinds
+from rlhf.tasks.builtin import BuiltinTask
+from rlhf.training import global_rank, mix_seed
+
+log = logging.getLogger("rlhf")
+
+
+def build_task(task_cfg):
+    if task_cfg.name == "builtin":
+        return BuiltinTask(OmegaConf.to_object(task_cfg))
+    raise ConfigError(f"task.name={task_cfg.name!r} is not a known task; known: builtin")
+
+
+def make_logger(run_cfg: DictConfig, run_dir: Path, slot: str, kind: str, stage_cfg: Any):
+    """One wandb run per stage, grouped by the recipe run, carrying the resolved config."""
+    lc = run_cfg.logger
+    if lc.kind == "none" or lc.mode == "disabled":
+        return None
+    if lc.kind != "wandb":
+        raise ConfigError(f"logger.kind={lc.kind!r} is not one of: wandb, none")
+    from lightning.pytorch.loggers import WandbLogger
+
+    name = run_cfg.name or run_dir.name
+    config = {
+        "stage": OmegaConf.to_container(OmegaConf.structured(stage_cfg)),
+        "slot": slot,
+        **{k: OmegaConf.to_container(run_cfg[k]) for k in ("model", "task", "trainer", "eval")},
+        "seed": run_cfg.seed,
+        "order": list(run_cfg.order),
+    }
+    return WandbLogger(
+        project=lc.project,
+        entity=lc.entity,
+        name=f"{name}/{slot}",
+        group=name,
+        job_type=kind,
+        tags=list(lc.tags),
+        save_dir=str(run_dir),
+        offline=lc.mode == "offline",
+        config=config,
+    )
+
+
+def finish_logger(logger) -> None:
+    if logger is not None and global_rank() == 0:
+        import wandb
+
+        wandb.finish()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
+    """Run (or resume) every stage of `cfg` in `run_dir`; returns each slot's final metrics."""
+    cfg = typed_run_config(cfg)
+    stage_cfgs = {slot: typed_stage_config(slot, cfg.stages[slot]) for slot in cfg.order}
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    run_dir = Path(run_dir)
+    task = build_task(cfg.task)
+    torch.manual_seed(cfg.seed)
+    policy = build_model(cfg.model, task.tokenizer.vocab_size)
+    if global_rank() == 0:
+        checkpoint.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+    kinds = stage_kinds()
+    completed: dict[str, Path] = {}
+    results: dict[str, dict[str, float]] = {}
+    weights_to_load: Optional[Path] = None
+    for index, slot in enumerate(cfg.order):
+        stage_cfg = stage_cfgs[slot]
+        stage_dir = run_dir / "stages" / f"{index:02d}_{slot}"
+        if checkpoint.is_complete(stage_dir):
+            log.info("stage %s: complete on disk, skipped", slot)
+            completed[slot] = stage_dir
+            weights_to_load = stage_dir / "policy.safetensors"
+            results[slot] = checkpoint.read_json(stage_dir / "metrics.json")
+            continue
+        if weights_to_load is not None:
+            checkpoint.load_weights(policy, weights_to_load)
+            weights_to_load = None
+        log.info("stage %s (%s): starting in %s", slot, stage_cfg.kind, stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        logger = make_logger(cfg, run_dir, slot, stage_cfg.kind, stage_cfg)
+        ctx = StageContext(
+            slot=slot,
+            cfg=stage_cfg,
+            run_cfg=cfg,
+            stage_dir=stage_dir,
+            policy=policy,
+            task=task,
+            seed=mix_seed(cfg.seed, slot),
+            logger=logger,
+            completed=dict(completed),
+        )
+        result = kinds[stage_cfg.kind].run(ctx)
+        policy = result.policy
+        metrics = dict(result.metrics)
+        if global_rank() == 0:
+            eval_metrics, samples = evaluate_policy(policy, task, cfg.eval, progress=cfg.trainer.progress_bar)
+            metrics.update(eval_metrics)
+            checkpoint.save_weights(policy, stage_dir / "policy.safetensors")
+            checkpoint.save_model_files(stage_dir, cfg.model, task.tokenizer)
+            checkpoint.write_text(stage_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(stage_cfg)))
+            checkpoint.write_jsonl(stage_dir / "samples.jsonl", samples)
+            checkpoint.write_json(stage_dir / "metrics.json", metrics)
+            if logger is not None:
+                logger.log_metrics(eval_metrics)
+                logger.log_text(key="eval/samples", columns=["prompt", "response", "score"], data=[[s["prompt"], s["response"], s["score"]] for s in samples])
+            checkpoint.mark_complete(stage_dir)
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+            log.info("stage %s: done %s", slot, {k: round(v, 4) for k, v in eval_metrics.items()})
+        _barrier()
+        finish_logger(logger)
+        completed[slot] = stage_dir
+        results[slot] = metrics
+    return results
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise RLHFError(f"resume={run_dir}: no such run dir")
+    if not path.exists():
+        raise RLHFError(f"resume={run_dir}: not a run dir (no config.yaml)")
+    return OmegaConf.load(path)

@@ -1,0 +1,123 @@
+"""Batched sampling with a KV cache, returning the log-probs of the sampled tokens.
+
+Prompts of different lengths are left-padded and the model is told where each row's
+real tokens start (`seq_start_pos`), so padding never changes a row's output. The
+log-probs returned are those of the distribution actually sampled from (after
+temperature, top-k and top-p): with temperature 1 and no filter that is the policy's
+own distribution, which is what on-policy RL needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0  # 1 means off
+    use_cache: bool = True
+
+
+@dataclass
+class Generation:
+    """Sampled responses, right-padded: tokens/logprobs/mask are (B, L)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+
+    def response_ids(self) -> list[list[int]]:
+        return [row[m.bool()].tolist() for row, m in zip(self.tokens, self.mask)]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded prompt tokens and each row's start position."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        tokens[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+    start = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
+    return tokens, start
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    eos_id: int,
+    pad_id: int,
+    generator: Optional[torch.Generator] = None,
+) -> Generation:
+    """Sample up to cfg.max_new_tokens per prompt; a row stops after its EOS (which it keeps)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tokens, start = left_pad(prompts, pad_id, device)
+    batch = tokens.shape[0]
+    out_tokens = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((batch, cfg.max_new_tokens), device=device)
+    out_mask = torch.zeros((batch, cfg.max_new_tokens), dtype=torch.bool, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    cache = None
+    for step in range(cfg.max_new_tokens):
+        logits, new_cache = model.decode_step(tokens, cache=cache, seq_start_pos=start)
+        if cfg.use_cache:
+            cache = new_cache
+        logits = logits.float()
+        if cfg.temperature == 0:
+            logprobs = logits.log_softmax(-1)
+            next_token = logits.argmax(-1)
+        else:
+            logprobs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
+            next_token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        alive = ~done
+        out_tokens[:, step] = torch.where(alive, next_token, pad_id)
+        out_logprobs[:, step] = torch.where(alive, logprobs.gather(-1, next_token[:, None]).squeeze(-1), 0.0)
+        out_mask[:, step] = alive
+        done |= next_token == eos_id
+        if done.all():
+            out_tokens, out_logprobs, out_mask = (t[:, : step + 1] for t in (out_tokens, out_logprobs, out_mask))
+            break
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+    model.train(was_training)
+    return Generation(out_tokens, out_logprobs, out_mask)
+
+
+def join_prompt_response(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) prompt+response tokens and the response mask the log-prob code expects."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, len(p) : len(p) + len(r)] = True
+    return tokens.to(device), mask.to(device)
+
+

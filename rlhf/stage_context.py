@@ -1,0 +1,66 @@
+"""What a stage module receives (`StageContext`) and returns (`StageResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+from torch import nn
+
+from rlhf.errors import ConfigError
+from rlhf.model import build_model
+from rlhf.training import fit, global_rank
+
+
+@dataclass
+class StageResult:
+    policy: nn.Module
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: its config, the incoming policy, the task, and where to write."""
+
+    slot: str
+    cfg: Any  # the stage's typed config (a dataclass instance)
+    run_cfg: DictConfig
+    stage_dir: Path
+    policy: nn.Module
+    task: Any
+    seed: int
+    logger: Any
+    completed: dict[str, Path]  # earlier slots -> their complete stage dirs
+
+    @property
+    def tokenizer(self):
+        return self.task.tokenizer
+
+    @property
+    def is_global_zero(self) -> bool:
+        return global_rank() == 0
+
+    def fit(self, module, make_batch, callbacks: Optional[list] = None):
+        """Train a LightningModule on step-indexed batches (see rlhf.training.fit)."""
+        return fit(
+            module,
+            make_batch,
+            stage_cfg=self.cfg,
+            trainer_cfg=self.run_cfg.trainer,
+            stage_dir=self.stage_dir,
+            seed=self.seed,
+            logger=self.logger,
+            callbacks=callbacks,
+        )
+
+    def stage_dir_of(self, slot: str) -> Path:
+        """The complete stage dir of an earlier slot (a reward model, say)."""
+        if slot not in self.completed:
+            raise ConfigError(f"stages.{self.slot}: needs slot {slot!r}, which does not run before it in `order`")
+        return self.completed[slot]
+
+    def new_model(self) -> nn.Module:
+        """A fresh model of the run's architecture (for reward models, critics, references)."""
+        return build_model(self.run_cfg.model, self.tokenizer.vocab_size)

@@ -1,0 +1,1 @@
+"""Tasks: where prompts, training examples and verifiers come from."""

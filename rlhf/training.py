@@ -1,0 +1,196 @@
+"""Shared training machinery: the per-stage Lightning Trainer, step-indexed data, optimizer,
+resumable checkpoints and per-step seeding.
+
+Exact resume: a stage's batches and random numbers are pure functions of (seed, step),
+so after a restart the data position and RNG follow from the restored global step; the
+Lightning checkpoint restores model, optimizer and scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, IterableDataset
+
+from rlhf.errors import TrainingError
+
+
+def mix_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any parts (the same across processes and Python runs)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def step_rng(seed: int, step: int, rank: int = 0) -> random.Random:
+    return random.Random(mix_seed(seed, step, rank))
+
+
+def global_rank() -> int:
+    return rank_zero_only.rank
+
+
+class StepBatches(IterableDataset):
+    """Yields make_batch(i, rank, world_size) for i from the restored position to the end of the stage.
+
+    `make_batch` builds the global batch for step i from (seed, i) and returns this rank's shard.
+    """
+
+    def __init__(self, make_batch: Callable[[int, int, int], Any], num_batches: int, trainer: L.Trainer):
+        self.make_batch, self.num_batches, self.trainer = make_batch, num_batches, trainer
+
+    def __iter__(self):
+        # read at iteration start, after Lightning restored the checkpoint's global step
+        start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        for i in range(start, self.num_batches):
+            yield self.make_batch(i, self.trainer.global_rank, self.trainer.world_size)
+
+
+def adamw_with_schedule(params, cfg):
+    """AdamW with linear warmup then cosine decay to lr * min_lr_ratio at max_steps (per optimizer step)."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_finite(loss: torch.Tensor, slot: str, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainingError(f"stage {slot!r}: loss is {loss.item()} at step {step}; lower the learning rate or check the data")
+
+
+class StepSeed(Callback):
+    """Seeds torch before every batch from (seed, step, rank): sampling and dropout replay exactly on resume."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(mix_seed(self.seed, trainer.global_step, batch_idx % trainer.accumulate_grad_batches, trainer.global_rank))
+
+
+class ResumableCheckpoint(Callback):
+    """Every `every` optimizer steps and at the end, atomically replace `<dir>/last.ckpt`."""
+
+    def __init__(self, directory: Path, every: int):
+        self.path = Path(directory) / "last.ckpt"
+        self.every = every
+        self._saved_at = -1
+
+    def _save(self, trainer) -> None:
+        if trainer.global_step == self._saved_at:
+            return
+        tmp = self.path.with_suffix(".ckpt.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+        self._saved_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every > 0 and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer)
+
+
+def fit(
+    module: L.LightningModule,
+    make_batch: Callable[[int, int, int], Any],
+    *,
+    stage_cfg,
+    trainer_cfg,
+    stage_dir: Path,
+    seed: int,
+    logger=None,
+    callbacks: Optional[list] = None,
+) -> L.Trainer:
+    """Train `module` for stage_cfg.max_steps optimizer steps on make_batch(0, rank, world), make_batch(1, ...), ...
+
+    Continues from `<stage_dir>/checkpoints/last.ckpt` if a previous attempt left one.
+    """
+    ckpt_dir = Path(stage_dir) / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    accumulate = stage_cfg.accumulate_grad_batches
+    trainer = L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy,
+        num_nodes=trainer_cfg.num_nodes,
+        precision=trainer_cfg.precision,
+        max_steps=stage_cfg.max_steps,
+        max_epochs=-1,
+        logger=logger if logger is not None else False,
+        callbacks=[StepSeed(seed), ResumableCheckpoint(ckpt_dir, trainer_cfg.checkpoint_every), *(callbacks or [])],
+        enable_checkpointing=False,
+        gradient_clip_val=stage_cfg.grad_clip or None,
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=trainer_cfg.log_every,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        enable_progress_bar=trainer_cfg.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(stage_dir),
+    )
+    data = StepBatches(make_batch, stage_cfg.max_steps * accumulate, trainer)
+    loader = DataLoader(data, batch_size=None, num_workers=0)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
+    return trainer
+
+
+class EpochSampler:
+    """Indices of a finite dataset for global batch `step`: a fresh seeded permutation every epoch."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int):
+        if num_items == 0:
+            raise ValueError("no training items")
+        self.n, self.batch_size, self.seed = num_items, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            perm = list(range(self.n))
+            random.Random(mix_seed(self.seed, "epoch", epoch)).shuffle(perm)
+            self._perms = {epoch: perm}  # keep one: batches only move forward
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return [self._perm(p // self.n)[p % self.n] for p in positions]
+
+
+class NLLModule(L.LightningModule):
+    """Next-token NLL on masked tokens: SFT (response tokens) and pretraining (all tokens) share it."""
+
+    def __init__(self, policy: torch.nn.Module, stage_cfg, slot: str):
+        super().__init__()
+        self.policy, self.stage_cfg, self.slot = policy, stage_cfg, slot
+
+    def training_step(self, batch, batch_idx):
+        from rlhf.logprobs import response_nll
+
+        tokens, mask = batch
+        loss = response_nll(self.policy(tokens), tokens, mask)
+        check_finite(loss, self.slot, self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(mask.sum()), reduce_fx="sum")
+        return loss
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.policy.parameters(), self.stage_cfg)
