@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlhf.errors import ConfigError
 from rlhf.model import ModelConfig
-from rlhf.tasks.builtin import TaskConfig
+from rlhf.tasks import TaskConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

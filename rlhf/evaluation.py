@@ -23,22 +23,21 @@ def generate_text(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, ba
 
 
 @torch.no_grad()
-def evaluate_policy(policy, task, eval_cfg, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+def evaluate_policy(policy, task, tokenizer, eval_cfg, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
     """Greedy responses to held-out prompts scored by the task's verifier.
 
-    Returns flat metrics (`eval/task_score`, `eval/exact_match`, `eval/response_length`)
-    and a few samples for the logs.
+    Returns flat metrics (`eval/task_score` and `eval/exact_match` when the task has a
+    verifier, `eval/response_length` in characters) and a few samples for the logs.
     """
     prompts = task.eval_prompts()[: eval_cfg.num_prompts]
     sampling = SamplingConfig(max_new_tokens=eval_cfg.max_new_tokens, temperature=0.0)
-    responses = generate_text(policy, task.tokenizer, prompts, sampling, eval_cfg.batch_size, progress=progress)
+    responses = generate_text(policy, tokenizer, prompts, sampling, eval_cfg.batch_size, progress=progress)
     scores = [task.score(p, r) for p, r in zip(prompts, responses)]
     n = max(1, len(prompts))
-    metrics = {
-        "eval/task_score": sum(scores) / n,
-        "eval/exact_match": sum(s == 1.0 for s in scores) / n,
-        "eval/response_length": sum(len(r) for r in responses) / n,
-    }
+    metrics = {"eval/response_length": sum(len(r) for r in responses) / n}
+    if all(s is not None for s in scores):
+        metrics["eval/task_score"] = sum(scores) / n
+        metrics["eval/exact_match"] = sum(s == 1.0 for s in scores) / n
     samples = [
         {"prompt": p, "response": r, "score": s}
         for p, r, s in list(zip(prompts, responses, scores))[: eval_cfg.num_logged_samples]

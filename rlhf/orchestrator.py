@@ -24,16 +24,19 @@ from rlhf.evaluation import evaluate_policy
 from rlhf.model import build_model
 from rlhf.stage_context import StageContext
 from rlhf.stages import stage_kinds
-from rlhf.tasks.builtin import BuiltinTask
+from rlhf.tasks import build_task
 from rlhf.training import global_rank, mix_seed
 
 log = logging.getLogger("rlhf")
 
 
-def build_task(task_cfg):
-    if task_cfg.name == "builtin":
-        return BuiltinTask(OmegaConf.to_object(task_cfg))
-    raise ConfigError(f"task.name={task_cfg.name!r} is not a known task; known: builtin")
+def build_tokenizer(cfg: DictConfig, task):
+    """The Hugging Face backend brings its own tokenizer; otherwise the task's."""
+    if cfg.model.backend == "hf":
+        from rlhf.hf_backend import load_hf_tokenizer
+
+        return load_hf_tokenizer(cfg.model)
+    return task.tokenizer
 
 
 def make_logger(run_cfg: DictConfig, run_dir: Path, slot: str, kind: str, stage_cfg: Any):
@@ -85,9 +88,10 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     run_dir = Path(run_dir)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, run_dir)
+    tokenizer = build_tokenizer(cfg, task)
     torch.manual_seed(cfg.seed)
-    policy = build_model(cfg.model, task.tokenizer.vocab_size)
+    policy = build_model(cfg.model, tokenizer.vocab_size)
     if global_rank() == 0:
         checkpoint.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
@@ -117,6 +121,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             stage_dir=stage_dir,
             policy=policy,
             task=task,
+            tokenizer=tokenizer,
             seed=mix_seed(cfg.seed, slot),
             logger=logger,
             completed=dict(completed),
@@ -125,10 +130,10 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         policy = result.policy
         metrics = dict(result.metrics)
         if global_rank() == 0:
-            eval_metrics, samples = evaluate_policy(policy, task, cfg.eval, progress=cfg.trainer.progress_bar)
+            eval_metrics, samples = evaluate_policy(policy, task, tokenizer, cfg.eval, progress=cfg.trainer.progress_bar)
             metrics.update(eval_metrics)
             checkpoint.save_weights(policy, stage_dir / "policy.safetensors")
-            checkpoint.save_model_files(stage_dir, cfg.model, task.tokenizer)
+            checkpoint.save_model_files(stage_dir, cfg.model, tokenizer)
             checkpoint.write_text(stage_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(stage_cfg)))
             checkpoint.write_jsonl(stage_dir / "samples.jsonl", samples)
             checkpoint.write_json(stage_dir / "metrics.json", metrics)

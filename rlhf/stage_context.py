@@ -30,13 +30,10 @@ class StageContext:
     stage_dir: Path
     policy: nn.Module
     task: Any
+    tokenizer: Any
     seed: int
     logger: Any
     completed: dict[str, Path]  # earlier slots -> their complete stage dirs
-
-    @property
-    def tokenizer(self):
-        return self.task.tokenizer
 
     @property
     def is_global_zero(self) -> bool:

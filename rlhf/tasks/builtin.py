@@ -20,28 +20,14 @@ from __future__ import annotations
 import random
 import re
 import string
-from dataclasses import dataclass, field
-
 from rlhf.data.examples import PreferencePair, SFTExample
 from rlhf.data.tokenizer import CharTokenizer
+from rlhf.tasks import TaskConfig
 
 # printable ASCII plus newline: any judge template or user text in plain English fits
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 
 DEFAULT_JUDGE_TEMPLATE = "judge {prompt}answer {response}\nscore:"
-
-
-@dataclass
-class TaskConfig:
-    name: str = "builtin"
-    families: list[str] = field(default_factory=lambda: ["sort", "add"])
-    sort_min_len: int = 8
-    sort_max_len: int = 14
-    add_min_digits: int = 3
-    add_max_digits: int = 6
-    num_eval_prompts: int = 200
-    # the task's own seed: fixes the held-out prompts whatever the run's seed
-    seed: int = 20240601
 
 
 _PROMPT = re.compile(r"^(sort): ([a-z]+)\n$|^(add): (\d+)\+(\d+)\n$")
