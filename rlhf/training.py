@@ -48,7 +48,7 @@ class StepBatches(IterableDataset):
 
     def __iter__(self):
         # read at iteration start, after Lightning restored the checkpoint's global step
-        start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        start = batch_index(self.trainer) * self.trainer.accumulate_grad_batches
         for i in range(start, self.num_batches):
             yield self.make_batch(i, self.trainer.global_rank, self.trainer.world_size)
 
@@ -73,6 +73,18 @@ def check_finite(loss: torch.Tensor, slot: str, step: int) -> None:
         raise TrainingError(f"stage {slot!r}: loss is {loss.item()} at step {step}; lower the learning rate or check the data")
 
 
+def steps_per_batch(module: L.LightningModule) -> int:
+    """Optimizer steps one batch makes: 1, or K for a manual-optimization module (PPO: a rollout's
+    epochs x minibatches) that declares `optimizer_steps_per_batch = K`."""
+    return int(getattr(module, "optimizer_steps_per_batch", 1))
+
+
+def batch_index(trainer: L.Trainer) -> int:
+    """The stage's step as the data and seeds see it: Lightning's global_step counts optimizer
+    steps, of which a manual-optimization module may take several per batch."""
+    return trainer.global_step // steps_per_batch(trainer.lightning_module)
+
+
 class StepSeed(Callback):
     """Seeds torch before every batch from (seed, step, rank): sampling and dropout replay exactly on resume."""
 
@@ -80,7 +92,7 @@ class StepSeed(Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.manual_seed(mix_seed(self.seed, trainer.global_step, batch_idx % trainer.accumulate_grad_batches, trainer.global_rank))
+        torch.manual_seed(mix_seed(self.seed, batch_index(trainer), batch_idx % trainer.accumulate_grad_batches, trainer.global_rank))
 
 
 class ResumableCheckpoint(Callback):
@@ -102,7 +114,8 @@ class ResumableCheckpoint(Callback):
         self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every > 0 and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+        step = batch_index(trainer)  # only between batches: a multi-step batch is never cut in two
+        if self.every > 0 and step % self.every == 0 and step > 0 and trainer.global_step % steps_per_batch(pl_module) == 0:
             self._save(trainer)
 
     def on_train_end(self, trainer, pl_module):
@@ -123,22 +136,25 @@ def fit(
     """Train `module` for stage_cfg.max_steps optimizer steps on make_batch(0, rank, world), make_batch(1, ...), ...
 
     Continues from `<stage_dir>/checkpoints/last.ckpt` if a previous attempt left one.
+    A manual-optimization module with `optimizer_steps_per_batch = K` trains for
+    stage_cfg.max_steps batches (K * max_steps optimizer steps); it clips its own gradients.
     """
     ckpt_dir = Path(stage_dir) / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     accumulate = stage_cfg.accumulate_grad_batches
+    per_batch = steps_per_batch(module)
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         strategy=trainer_cfg.strategy,
         num_nodes=trainer_cfg.num_nodes,
         precision=trainer_cfg.precision,
-        max_steps=stage_cfg.max_steps,
+        max_steps=stage_cfg.max_steps * per_batch,
         max_epochs=-1,
         logger=logger if logger is not None else False,
         callbacks=[StepSeed(seed), ResumableCheckpoint(ckpt_dir, trainer_cfg.checkpoint_every), *(callbacks or [])],
         enable_checkpointing=False,
-        gradient_clip_val=stage_cfg.grad_clip or None,
+        gradient_clip_val=(stage_cfg.grad_clip or None) if module.automatic_optimization else None,
         accumulate_grad_batches=accumulate,
         log_every_n_steps=trainer_cfg.log_every,
         num_sanity_val_steps=0,

@@ -1,0 +1,80 @@
+"""End-to-end CLI runs: artifacts, bad input, sweeps, 2-process DDP."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY
+
+
+def test_sft_run_writes_a_complete_stage(cli, tmp_path):
+    run = tmp_path / "run"
+    cli("run", "recipe=sft", *TINY, "stages.sft.max_steps=6", f"hydra.run.dir={run}")
+    stage = run / "stages" / "00_sft"
+    assert sorted(p.name for p in stage.iterdir()) == [
+        "COMPLETE", "config.yaml", "metrics.json", "model.yaml", "policy.safetensors", "samples.jsonl", "tokenizer.json",
+    ]
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert {"eval/task_score", "eval/exact_match", "eval/response_length"} <= set(metrics)
+    assert 0.0 <= metrics["eval/task_score"] <= 1.0
+    assert (run / "config.yaml").exists()
+    assert load_file(str(stage / "policy.safetensors"))
+
+
+def test_wandb_offline_run_per_stage(cli, tmp_path):
+    run = tmp_path / "run"
+    cli("run", "recipe=pretrain_sft", *[a for a in TINY if not a.startswith("logger")], "logger=wandb",
+        "stages.pretrain.max_steps=2", "stages.sft.max_steps=2", f"hydra.run.dir={run}")
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one wandb run per stage
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["recipe=no_such_recipe"], "no_such_recipe"),
+        (["recipe=sft", "order=[sft,ghost]"], "ghost"),
+        (["recipe=sft", "stages.sft.lr=fast"], "lr"),
+        (["recipe=sft", "stages.sft.betaa=1"], "betaa"),
+        (["recipe=sft", "stages.sft.kind=alchemy"], "alchemy"),
+        (["resume=/nonexistent/run"], "/nonexistent/run"),
+        (["recipe=sft", "task.families=[poetry]"], "families"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(cli, tmp_path, args, culprit):
+    run = tmp_path / "run"
+    proc = cli("run", *args, *TINY, f"hydra.run.dir={run}", check=False)
+    assert proc.returncode != 0
+    assert culprit in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run / "stages").exists() or not any((run / "stages").rglob("COMPLETE"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error(cli, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("run", "recipe=sft", *TINY, "stages.sft.lr=1e12", "stages.sft.warmup_steps=1", "stages.sft.max_steps=30",
+               f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 2
+    assert "error: stage 'sft': loss is" in proc.stderr
+    assert not (run / "stages" / "00_sft" / "COMPLETE").exists()
+
+
+def test_sweep_runs_each_value(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    cli("run", "-m", "recipe=sft", *TINY, "stages.sft.max_steps=2,3", f"hydra.sweep.dir={sweep}")
+    configs = sorted(sweep.glob("*/stages/00_sft/config.yaml"))
+    assert len(configs) == 2
+    assert {"max_steps: 2", "max_steps: 3"} <= {line for c in configs for line in c.read_text().splitlines()}
+
+
+@pytest.mark.slow
+def test_sft_under_two_process_ddp(cli, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("run", "recipe=sft", *TINY, "trainer=ddp_cpu", "stages.sft.max_steps=4", f"hydra.run.dir={run}")
+    assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr  # really two processes
+    stage = run / "stages" / "00_sft"
+    assert (stage / "COMPLETE").exists()
+    # rank 1 wrote no artifacts of its own: no stray temp files, one set of files
+    assert not list(run.rglob("*.tmp"))
+    assert json.loads((stage / "metrics.json").read_text())["eval/task_score"] >= 0

@@ -1,0 +1,94 @@
+"""Parity tests that guard sampling and scoring: cached vs uncached, batched vs one-by-one,
+padded vs unpadded, and sampled log-probs vs a scoring pass."""
+
+import torch
+
+from rlhf.logprobs import response_logprobs, sequence_logprobs
+from rlhf.model import CausalLM, ModelConfig, frozen_copy
+from rlhf.sampling import SamplingConfig, filter_logits, generate, join_prompt_response
+
+PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return CausalLM(ModelConfig(dim=32, depth=2, heads=2, max_seq_len=64), vocab_size=20).eval()
+
+
+def test_greedy_is_identical_with_and_without_cache():
+    model = _model()
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0)
+    cached = generate(model, PROMPTS, cfg, eos_id=1, pad_id=0)
+    uncached = generate(model, PROMPTS, SamplingConfig(max_new_tokens=16, temperature=0, use_cache=False), eos_id=1, pad_id=0)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    assert torch.allclose(cached.logprobs, uncached.logprobs, atol=1e-5)
+
+
+def test_batched_left_padded_equals_one_by_one():
+    model = _model()
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0)
+    batched = generate(model, PROMPTS, cfg, eos_id=1, pad_id=0)
+    for i, prompt in enumerate(PROMPTS):
+        single = generate(model, [prompt], cfg, eos_id=1, pad_id=0)
+        n = single.tokens.shape[1]
+        assert single.response_ids()[0] == batched.response_ids()[i]
+        assert torch.allclose(single.logprobs[0], batched.logprobs[i, :n], atol=1e-5)
+
+
+def test_sampled_logprobs_equal_scoring_pass():
+    model = _model()
+    gen = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12), eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(3))
+    tokens, mask = join_prompt_response(PROMPTS, gen.response_ids(), pad_id=0)
+    scored, scored_mask = response_logprobs(model(tokens), tokens, mask)
+    for i in range(len(PROMPTS)):
+        assert torch.allclose(scored[i][scored_mask[i].bool()], gen.logprobs[i][gen.mask[i]], atol=1e-5)
+
+
+def test_scoring_padded_batch_equals_unpadded_rows():
+    model = _model()
+    responses = [[5, 6, 7, 1], [8, 1], [9, 9, 9, 9, 9, 1]]
+    tokens, mask = join_prompt_response(PROMPTS, responses, pad_id=0)
+    batched = sequence_logprobs(model(tokens), tokens, mask)
+    for i in range(len(PROMPTS)):
+        t, m = join_prompt_response([PROMPTS[i]], [responses[i]], pad_id=0)
+        assert torch.allclose(sequence_logprobs(model(t), t, m)[0], batched[i], atol=1e-5)
+
+
+def test_rows_stop_after_eos_and_keep_it():
+    gen = generate(_eos_model(), PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0), eos_id=1, pad_id=0)
+    assert gen.tokens.shape[1] == 1 and gen.response_ids() == [[1], [1], [1]]
+
+
+def _eos_model():
+    class AlwaysEOS(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def decode_step(self, tokens, cache=None, seq_start_pos=None):
+            logits = torch.zeros(tokens.shape[0], 20)
+            logits[:, 1] = 5.0
+            return logits, None
+
+    return AlwaysEOS()
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # softmax = [0.644, 0.237, 0.087, 0.032]: top_p=0.7 keeps the first two (0.644 < 0.7)
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_frozen_copy_does_not_follow_training():
+    model = _model()
+    ref = frozen_copy(model, ModelConfig(dim=32, depth=2, heads=2, max_seq_len=64), 20)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    tokens = torch.tensor([[3, 4, 5, 6]])
+    model.train()
+    model(tokens).sum().backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
