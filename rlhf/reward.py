@@ -25,13 +25,15 @@ class RewardModel(nn.Module):
     """A linear head on the LM trunk, read at the last response token (the EOS).
 
     num_bins == 1: a scalar reward (Bradley-Terry); num_bins > 1: rating logits whose
-    expected value is the reward (PaLM-rlhf's binned output).
+    expected value is the reward (PaLM-rlhf's binned output). `max_len`: the row length it was
+    trained on; `model_reward_fn` cuts longer rows the same way (`truncate`).
     """
 
-    def __init__(self, trunk: nn.Module, num_bins: int = 1):
+    def __init__(self, trunk: nn.Module, num_bins: int = 1, max_len: Optional[int] = None):
         super().__init__()
         self.trunk = trunk
         self.num_bins = num_bins
+        self.max_len = max_len
         self.head = nn.Linear(trunk.hidden_size, num_bins)
 
     def logits(self, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -48,6 +50,17 @@ class RewardModel(nn.Module):
         return out.squeeze(-1) if self.num_bins == 1 else expected_rating(out)
 
 
+def truncate(prompt: list[int], response: list[int], max_len: Optional[int]) -> tuple[list[int], list[int]]:
+    """Fit prompt + response + EOS in max_len tokens: keep the response's START (at least half of
+    max_len, more if the prompt is short) and the prompt's END (the turn being answered)."""
+    if max_len is None:
+        return prompt, response
+    budget = max_len - 1  # the EOS
+    keep_response = min(len(response), max(budget - len(prompt), budget // 2))
+    keep_prompt = min(len(prompt), budget - keep_response)
+    return prompt[len(prompt) - keep_prompt :], response[:keep_response]
+
+
 def load_reward_model(stage_dir: str | Path) -> tuple[RewardModel, object]:
     """(reward model, tokenizer) from a complete `reward_model` stage dir."""
     from rlhf import checkpoint
@@ -60,7 +73,8 @@ def load_reward_model(stage_dir: str | Path) -> tuple[RewardModel, object]:
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(stage_dir / "model.yaml")))
     head = OmegaConf.load(stage_dir / "reward_model.yaml")
     tokenizer = load_tokenizer(stage_dir / "tokenizer.json")
-    model = RewardModel(build_model(model_cfg, tokenizer.vocab_size), num_bins=int(head.num_bins))
+    max_len = head.get("max_len")
+    model = RewardModel(build_model(model_cfg, tokenizer.vocab_size), num_bins=int(head.num_bins), max_len=max_len and int(max_len))
     checkpoint.load_weights(model, stage_dir / "reward_model.safetensors")
     return model.eval(), tokenizer
 
@@ -69,7 +83,8 @@ def save_reward_model(model: RewardModel, stage_dir: str | Path) -> None:
     from rlhf import checkpoint
 
     checkpoint.save_weights(model, Path(stage_dir) / "reward_model.safetensors")
-    checkpoint.write_text(Path(stage_dir) / "reward_model.yaml", f"num_bins: {model.num_bins}\n")
+    text = f"num_bins: {model.num_bins}\n" + (f"max_len: {model.max_len}\n" if model.max_len else "")
+    checkpoint.write_text(Path(stage_dir) / "reward_model.yaml", text)
 
 
 def import_dotted(path: str):
@@ -89,9 +104,9 @@ def model_reward_fn(model: RewardModel, tokenizer, batch_size: int = 64) -> Rewa
     def score(prompts: list[str], responses: list[str]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(prompts), batch_size):
-            p = [tokenizer.encode(x) for x in prompts[i : i + batch_size]]
-            r = [tokenizer.encode(x) + [tokenizer.eos_id] for x in responses[i : i + batch_size]]
-            tokens, mask = join_prompt_response(p, r, tokenizer.pad_id, device)
+            chunk = zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+            rows = [truncate(tokenizer.encode(p), tokenizer.encode(r), model.max_len) for p, r in chunk]
+            tokens, mask = join_prompt_response([p for p, _ in rows], [r + [tokenizer.eos_id] for _, r in rows], tokenizer.pad_id, device)
             out += model(tokens, mask).float().tolist()
         return out
 

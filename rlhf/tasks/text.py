@@ -1,0 +1,121 @@
+"""The text task: real text from JSONL files (Anthropic hh-rlhf, say), with a BPE tokenizer.
+
+`task.data` names the files (a path, a glob or a list). Any row format the data readers know
+may appear: hh-rlhf transcript pairs `{"chosen", "rejected"}`, explicit pairs
+`{"prompt", "chosen", "rejected"}`, SFT or rating rows `{"prompt", "response", ...}` and raw
+text `{"text"}`. From them the task takes
+
+- the tokenizer: byte-level BPE (`task.vocab_size`) trained on all their text, ONCE per run,
+  and saved as `<run_dir>/tokenizer.json`; a resumed run reloads that file, so token ids never
+  change under a checkpoint. Rank 0 trains and writes it (atomically); other ranks wait for it.
+- held-out prompts: a fixed slice (`task.num_eval_prompts`, shuffled with `task.seed`, so it does
+  not depend on the run's seed) of the distinct non-empty prompts. `train_prompt(rng)` never
+  returns one of them.
+
+There is no verifier: `score()` is None, so the evaluation after each stage reports only the
+response length. Long multi-turn prompts are shortened for evaluation to their last whole
+turns within `MAX_EVAL_PROMPT_CHARS` characters (a small model's context is short, and
+generation cost grows with the prompt).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from rlhf.checkpoint import atomic_path
+from rlhf.data.bpe import BPETokenizer
+from rlhf.data.jsonl import HUMAN, BadRow, _parse_pair, _read_rows, _require_object
+from rlhf.errors import ConfigError, RLHFError
+from rlhf.tasks import TaskConfig
+from rlhf.training import global_rank
+
+MAX_EVAL_PROMPT_CHARS = 1000
+TOKENIZER_FILE = "tokenizer.json"
+WAIT_FOR_TOKENIZER_S = 600.0
+
+
+def _parse_any(row: Any) -> tuple[str, list[str]]:
+    """(prompt or "", the row's pieces of text) for any row format the task accepts."""
+    row = _require_object(row)
+    if "chosen" in row or "rejected" in row:
+        try:
+            pair = _parse_pair(row)
+        except BadRow:
+            # a pair a preference stage would reject (identical sides, no shared prompt) still
+            # holds good text for the tokenizer; only its prompt is unusable
+            texts = [row.get("prompt"), row.get("chosen"), row.get("rejected")]
+            if not any(isinstance(t, str) and t for t in texts):
+                raise
+            return "", [t for t in texts if isinstance(t, str)]
+        return pair.prompt, [pair.prompt, pair.chosen, pair.rejected]
+    if "response" in row:
+        prompt, response = row.get("prompt", ""), row["response"]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise BadRow("'prompt' and 'response' must be strings")
+        return prompt, [prompt, response]
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise BadRow("'text' must be a string")
+        return "", [row["text"]]
+    raise BadRow(f"expected a pair, a prompt/response or a text row (keys: {sorted(row)})")
+
+
+def shorten_prompt(prompt: str, max_chars: int = MAX_EVAL_PROMPT_CHARS) -> str:
+    """The last whole "\\n\\nHuman:" turns of `prompt` that fit in max_chars (else its tail)."""
+    if len(prompt) <= max_chars:
+        return prompt
+    start = prompt.find(HUMAN, len(prompt) - max_chars)
+    return prompt[start:] if start >= 0 else prompt[-max_chars:]
+
+
+class TextTask:
+    """Real text from `cfg.data`: a BPE tokenizer kept with the run, held-out prompts, no verifier."""
+
+    def __init__(self, cfg: TaskConfig, run_dir: Path):
+        if cfg.data is None:
+            raise ConfigError("task.name=text needs task.data=PATH (JSONL files: pairs, prompt/response or text rows)")
+        self.cfg = cfg
+        rows = _read_rows(cfg.data, _parse_any, skip_bad_rows=False, stats=None, what="text task")
+        self.tokenizer = self._tokenizer(Path(run_dir), (t for _, texts in rows for t in texts if t))
+
+        prompts = list(dict.fromkeys(p for p, _ in rows if p.strip()))  # distinct, in file order
+        random.Random(cfg.seed).shuffle(prompts)
+        held_out = prompts[: cfg.num_eval_prompts]
+        self._held_out = set(held_out)
+        self._train_prompts = prompts[cfg.num_eval_prompts :]
+        self._eval = [shorten_prompt(p) for p in held_out]
+
+    def _tokenizer(self, run_dir: Path, texts) -> BPETokenizer:
+        path = run_dir / TOKENIZER_FILE
+        if path.exists():
+            return BPETokenizer.load(path)
+        if global_rank() == 0:
+            tokenizer = BPETokenizer.train(texts, vocab_size=self.cfg.vocab_size)
+            with atomic_path(path) as tmp:
+                tokenizer.save(tmp)
+            return tokenizer
+        # another rank trains it: wait for the file rather than train a second, different one
+        deadline = time.monotonic() + WAIT_FOR_TOKENIZER_S
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise RLHFError(f"{path}: rank {global_rank()} waited {WAIT_FOR_TOKENIZER_S:.0f} s for rank 0's tokenizer")
+            time.sleep(0.2)
+        return BPETokenizer.load(path)
+
+    def eval_prompts(self) -> list[str]:
+        return list(self._eval)
+
+    def is_held_out(self, prompt: str) -> bool:
+        return prompt in self._held_out
+
+    def train_prompt(self, rng: random.Random) -> str:
+        """A prompt from the data that is never a held-out one (for stages that sample)."""
+        if not self._train_prompts:
+            raise ConfigError("task.data has no prompts left after the held-out ones; lower task.num_eval_prompts")
+        return rng.choice(self._train_prompts)
+
+    def score(self, prompt: str, response: str) -> Optional[float]:
+        return None
