@@ -95,7 +95,13 @@ def load_policy(stage_dir: str | Path):
         raise RLHFError(f"{stage_dir}: not a complete stage dir (no {MARKER} marker)")
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(stage_dir / "model.yaml")))
     tokenizer = load_tokenizer(stage_dir / "tokenizer.json")
-    model = build_model(model_cfg, tokenizer.vocab_size)
+    if model_cfg.backend == "hf":
+        # the architecture from the original checkpoint's config; its weights are not read, the trained ones load next
+        from rlhf.hf_backend import load_hf_model
+
+        model = load_hf_model(model_cfg, pretrained_weights=False)
+    else:
+        model = build_model(model_cfg, tokenizer.vocab_size)
     load_weights(model, stage_dir / "policy.safetensors")
     return model.eval(), tokenizer
 

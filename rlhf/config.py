@@ -17,6 +17,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlhf.errors import ConfigError
+from rlhf.lora import LoRAConfig
 from rlhf.model import ModelConfig
 from rlhf.tasks import TaskConfig
 
@@ -38,6 +39,9 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
+    # which parameters train (applied to the policy by the orchestrator: rlhf/freezing.py)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train_last_n_layers: Optional[int] = None  # None trains every layer
 
 
 @dataclass
@@ -116,7 +120,10 @@ def typed_stage_config(slot: str, node: Any):
         merged = OmegaConf.merge(schema, node)
     except Exception as err:  # omegaconf names the key and the problem
         raise ConfigError(f"stages.{slot}: {err}".splitlines()[0]) from None
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)  # runs the schema's __post_init__ checks, if any
+    except ConfigError as err:
+        raise ConfigError(f"stages.{slot}: {err}") from None
 
 
 def typed_run_config(cfg: DictConfig) -> DictConfig:

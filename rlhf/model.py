@@ -98,7 +98,9 @@ def frozen_copy(model: nn.Module, cfg: ModelConfig, vocab_size: int) -> nn.Modul
     deepcopy of a model with tied embeddings can leave the copy reading the policy's live
     weights; a fresh build shares nothing.
     """
+    from rlhf.lora import base_state_dict  # a LoRA-injected policy: its base weights (fresh adapters are zero)
+
     ref = build_model(cfg, vocab_size)
-    ref.load_state_dict(model.state_dict())
+    ref.load_state_dict(base_state_dict(model))
     ref.requires_grad_(False)
     return ref.eval()

@@ -21,6 +21,7 @@ from rlhf import checkpoint
 from rlhf.config import typed_run_config, typed_stage_config
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.evaluation import evaluate_policy
+from rlhf.freezing import finish_trainable, prepare_trainable
 from rlhf.model import build_model
 from rlhf.stage_context import StageContext
 from rlhf.stages import stage_kinds
@@ -119,7 +120,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             cfg=stage_cfg,
             run_cfg=cfg,
             stage_dir=stage_dir,
-            policy=policy,
+            policy=prepare_trainable(policy, stage_cfg),  # LoRA / last-N layers (rlhf/freezing.py)
             task=task,
             tokenizer=tokenizer,
             seed=mix_seed(cfg.seed, slot),
@@ -127,7 +128,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             completed=dict(completed),
         )
         result = kinds[stage_cfg.kind].run(ctx)
-        policy = result.policy
+        policy = finish_trainable(result.policy, stage_cfg, stage_dir, global_rank() == 0)  # merge LoRA
         metrics = dict(result.metrics)
         if global_rank() == 0:
             eval_metrics, samples = evaluate_policy(policy, task, tokenizer, cfg.eval, progress=cfg.trainer.progress_bar)

@@ -54,8 +54,15 @@ class StepBatches(IterableDataset):
 
 
 def adamw_with_schedule(params, cfg):
-    """AdamW with linear warmup then cosine decay to lr * min_lr_ratio at max_steps (per optimizer step)."""
-    params = [p for p in params if p.requires_grad]
+    """AdamW with linear warmup then cosine decay to lr * min_lr_ratio at max_steps (per optimizer step).
+
+    `params`: parameters, or param-group dicts (a group may set its own "lr"; the schedule scales each).
+    """
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:

@@ -68,4 +68,8 @@ def load_tokenizer(path: str | Path):
         from rlhf.data.bpe import BPETokenizer
 
         return BPETokenizer.load(path)
+    if spec.get("kind") == "hf":
+        from rlhf.hf_backend import HFTokenizer  # a Hugging Face checkpoint's tokenizer
+
+        return HFTokenizer.load(path)
     raise DataError(f"{path}: unknown tokenizer kind {spec.get('kind')!r}")

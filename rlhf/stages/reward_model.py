@@ -47,6 +47,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
 from rlhf.losses.preference import binned_rating_loss, bradley_terry_loss, expected_rating, preference_accuracy
+from rlhf.lora import base_state_dict
 from rlhf.reward import RewardModel, save_reward_model, truncate
 from rlhf.sampling import join_prompt_response
 from rlhf.stage_context import StageContext, StageResult
@@ -385,7 +386,7 @@ def run(ctx: StageContext) -> StageResult:
 
     trunk = ctx.new_model()
     if cfg.init == "policy":
-        trunk.load_state_dict(ctx.policy.state_dict())  # a copy: the policy itself is not trained
+        trunk.load_state_dict(base_state_dict(ctx.policy))  # a copy: the policy itself is not trained
     model = RewardModel(trunk, num_bins=cfg.num_bins, max_len=cfg.max_len)
     probe = make_batch(0, 0, 1)
     freeze_unused(model, probe["tokens"][:2], probe["mask"][:2])

@@ -144,10 +144,19 @@ class BuiltinTask:
         return PreferencePair(prompt, chosen, self.corrupt(prompt, chosen, rng))
 
     def judge_example(self, rng: random.Random, template: str = DEFAULT_JUDGE_TEMPLATE) -> SFTExample:
-        """Teaches judging: a candidate answer (right or a near miss) and its 0-5 score."""
+        """Teaches judging: a candidate answer and its 0-5 score. Candidates: the right answer
+        (30%), a near miss (50%), or the right answer to ANOTHER prompt of the same family (20%):
+        well-formed but wrong, as a weak model's answers often are, so the judge must check the
+        answer against the prompt rather than its form."""
         prompt = self.train_prompt(rng)
         candidate = answer(prompt)
-        if rng.random() < 0.7:
+        u = rng.random()
+        if u < 0.2:
+            other = self.train_prompt(rng)
+            while other[:4] != prompt[:4] or answer(other) == candidate:
+                other = self.train_prompt(rng)
+            candidate = answer(other)
+        elif u < 0.7:
             candidate = self.corrupt(prompt, candidate, rng)
             if rng.random() < 0.5:
                 candidate = self.corrupt(prompt, candidate, rng)

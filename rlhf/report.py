@@ -1,0 +1,190 @@
+"""`python -m rlhf report RUN_DIR [RUN_DIR ...] [--plot FILE.png | --no-plot] [--all]`
+
+Prints each stage's metrics (from `<run>/stages/<NN>_<slot>/metrics.json`, in run order) as
+a table; several runs are shown side by side, one line per run under each stage. Then plots
+the main metrics across stages (task score, judge agreement, response length, KL), one line
+per run, to `--plot` (default `<first run>/report.png`).
+
+A stage without its own judge agreement (SFT, say) shows the value the NEXT stage measured
+on its starting weights (`start/judge_agreement`), which are this stage's final weights;
+such values are marked with `*`. A stage still running (no COMPLETE marker) is listed
+without metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from rlhf import checkpoint
+from rlhf.errors import RLHFError
+
+# (metrics.json key, column title) of the table's default columns
+MAIN = [
+    ("eval/task_score", "task_score"),
+    ("eval/exact_match", "exact"),
+    ("eval/judge_agreement", "judge_agree"),
+    ("eval/judge_parse_failure_rate", "judge_fail"),
+    ("eval/response_length", "length"),
+    ("eval/kl", "kl"),
+    ("pairs_total", "pairs"),
+]
+# (key, title) of the plot's panels
+PLOTTED = [
+    ("eval/task_score", "task score (held-out, greedy)"),
+    ("eval/judge_agreement", "judge agreement (pairwise)"),
+    ("eval/response_length", "response length (chars)"),
+    ("eval/kl", "KL to reference"),
+]
+
+
+@dataclass
+class Stage:
+    slot: str
+    kind: str
+    complete: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    borrowed: set[str] = field(default_factory=set)  # keys taken from the next stage's start/ values
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    stages: list[Stage]
+
+
+def read_run(path: str | Path) -> Run:
+    path = Path(path)
+    stages_dir = path / "stages"
+    if not stages_dir.is_dir():
+        raise RLHFError(f"{path}: not a run dir (no stages/ folder)")
+    stages = []
+    for stage_dir in sorted(p for p in stages_dir.iterdir() if p.is_dir()):
+        index, _, slot = stage_dir.name.partition("_")
+        if not index.isdigit():
+            continue
+        kind = "?"
+        if (stage_dir / "config.yaml").exists():
+            from omegaconf import OmegaConf
+
+            kind = str(OmegaConf.load(stage_dir / "config.yaml").get("kind", "?"))
+        complete = checkpoint.is_complete(stage_dir)
+        metrics = checkpoint.read_json(stage_dir / "metrics.json") if complete and (stage_dir / "metrics.json").exists() else {}
+        stages.append(Stage(slot, kind, complete, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    if not stages:
+        raise RLHFError(f"{path}: the run has no stages yet")
+    # the next stage's start/ metrics describe this stage's final weights
+    # (only for a stage that measured none of them itself)
+    for stage, following in zip(stages, stages[1:]):
+        start = {"eval/" + k[len("start/") :]: v for k, v in following.metrics.items() if k.startswith("start/")}
+        if not start.keys() & stage.metrics.keys():
+            stage.metrics.update(start)
+            stage.borrowed |= start.keys()
+    return Run(path.name, path, stages)
+
+
+def _names(runs: list[Run]) -> list[str]:
+    """Short labels: the dir name, or the path when two runs share a dir name."""
+    names = [r.name for r in runs]
+    return [str(r.path) if names.count(r.name) > 1 else r.name for r in runs]
+
+
+def _cell(stage: Stage, key: str) -> str:
+    value = stage.metrics.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{value:.0f}" if key.endswith("_total") else f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return text + ("*" if key in stage.borrowed else "")
+
+
+def format_table(runs: list[Run], all_keys: bool = False) -> str:
+    if all_keys:
+        keys = sorted({k for run in runs for s in run.stages for k in s.metrics})
+        columns = [(k, k) for k in keys]
+    else:
+        present = {k for run in runs for s in run.stages for k in s.metrics}
+        columns = [(k, title) for k, title in MAIN if k in present]
+    names = _names(runs)
+    slots: list[str] = []
+    for run in runs:
+        slots += [s.slot for s in run.stages if s.slot not in slots]
+    header = ["stage", "kind"] + (["run"] if len(runs) > 1 else []) + [title for _, title in columns]
+    lines = []
+    for slot in slots:
+        for name, run in zip(names, runs):
+            stage = next((s for s in run.stages if s.slot == slot), None)
+            if stage is None:
+                continue
+            cells = [slot, stage.kind] + ([name] if len(runs) > 1 else [])
+            if not stage.complete:
+                cells += ["(not complete)"] + [""] * (len(columns) - 1) if columns else ["(not complete)"]
+            else:
+                cells += [_cell(stage, k) for k, _ in columns]
+            lines.append(cells)
+    widths = [max(len(str(row[i])) for row in [header, *lines] if i < len(row)) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    previous_slot = None
+    for cells in lines:
+        if len(runs) > 1 and cells[0] == previous_slot:
+            cells = ["", ""] + cells[2:]
+        else:
+            previous_slot = cells[0]
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
+    if any(s.borrowed for run in runs for s in run.stages):
+        out.append("* measured by the next stage on its starting weights (this stage's final weights)")
+    return "\n".join(out)
+
+
+def plot(runs: list[Run], path: Path) -> Optional[Path]:
+    """The main metrics across stages, one line per run; None (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        print("note: no plot (matplotlib is not installed: pip install 'rlhf[report]')")
+        return None
+    slots: list[str] = []
+    for run in runs:
+        slots += [s.slot for s in run.stages if s.slot not in slots]
+    panels = [(k, t) for k, t in PLOTTED if any(k in s.metrics for run in runs for s in run.stages)] or PLOTTED[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for name, run in zip(_names(runs), runs):
+            points = [(slots.index(s.slot), s.metrics[key]) for s in run.stages if key in s.metrics]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(len(slots)))
+        ax.set_xticklabels(slots, rotation=30, ha="right", fontsize=8)
+        ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with checkpoint.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf report", description="Compare the stages of one or more runs.")
+    parser.add_argument("runs", nargs="+", help="run dirs (outputs/runs/...)")
+    parser.add_argument("--plot", type=Path, default=None, help="where to write the plot (default: <first run>/report.png)")
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
+    parser.add_argument("--all", action="store_true", help="every metric, not just the main ones")
+    args = parser.parse_args(argv)
+    runs = [read_run(p) for p in args.runs]
+    print(format_table(runs, all_keys=args.all))
+    if not args.no_plot:
+        written = plot(runs, args.plot or runs[0].path / "report.png")
+        if written is not None:
+            print(f"plot: {written}")
+    return 0

@@ -1,0 +1,398 @@
+"""Self-rewarding DPO (Yuan et al. 2024): the model writes candidates, judges them itself, and
+learns from its own best-vs-worst pairs.
+
+One stage is one iteration M_t -> M_t+1. Its optimizer steps are split into rounds of
+`steps_per_round` steps; at the first step of round r:
+  1. `batch_size * steps_per_round` training prompts, a pure function of (seed, r), get
+     `num_candidates` responses each from the CURRENT weights (temperature 0.7, top-p 0.9,
+     KV cache);
+  2. the same weights judge every candidate `judge.num_samples` times (rlhf/judge.py: the
+     template, the score regex, the range); a candidate's score is the mean of its parseable
+     judge samples;
+  3. identical responses are merged (their scores averaged); the pair is the best over the
+     worst. A prompt with fewer than two scored responses is dropped as "unparseable", one
+     whose best and worst scores differ by no more than `min_score_gap` as a "tie"; both are
+     counted, neither stops the run;
+  4. the reference's log-probs of the pairs are computed once. The reference is the
+     iteration's starting weights (a frozen copy), as in the paper: M_t for M_t+1;
+  5. everything (prompt, every candidate, every raw judgement, its parsed score, the
+     verifier's score where the task has one, the pair or why there is none, the reference
+     log-probs) goes to `rounds/round_<r>.jsonl`, written atomically by rank 0.
+The round's steps then make about one pass over its fresh pairs with DPO plus an NLL term
+on the chosen response (`nll_weight`, on by default: plain DPO collapses small models).
+
+Resume: one `ctx.fit` covers every round; a resumed run reloads round r's file instead of
+sampling again from weights that are no longer the round's starting weights.
+DDP: each rank samples and judges its share of the prompts; rows are all-gathered, so every
+rank holds the whole round and trains on its shard of each step's pairs.
+
+Measured (the verifier is never used for training, only reported): `eval/judge_agreement`
+and friends on held-out prompts at the stage's start (`start/...`) and end, round statistics
+(pairs, ties, unparseable, parse failures, mean response length, how often the chosen
+response really is better: `round/pair_accuracy`), and `eval/kl`: the mean over sampled
+held-out responses of sum(log pi - log pi_ref), where pi_ref is the stage's starting weights
+or, with `kl_reference: <slot>`, that earlier slot's weights (the recipes use the SFT slot).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+
+from rlhf import checkpoint
+from rlhf.config import StageConfig
+from rlhf.data.examples import PreferencePair
+from rlhf.errors import ConfigError, DataError
+from rlhf.evaluation import generate_text
+from rlhf.judge import JudgeConfig, evaluate_judge, judge
+from rlhf.logprobs import sequence_logprobs
+from rlhf.preference_batch import (
+    PreferenceLossConfig,
+    check_loss_config,
+    collate_pairs,
+    encode_pair,
+    heldout_eval,
+    log_now,
+    needs_reference,
+    pair_logprobs,
+    preference_loss,
+    reference_logprobs,
+    starting_reference,
+)
+from rlhf.sampling import SamplingConfig, generate, join_prompt_response
+from rlhf.stage_context import StageContext, StageResult
+from rlhf.training import adamw_with_schedule, check_finite, mix_seed
+
+KIND = "self_reward_dpo"
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class Config(PreferenceLossConfig, StageConfig):
+    kind: str = KIND
+    max_steps: int = 24  # rounds = ceil(max_steps / steps_per_round)
+    steps_per_round: int = 8
+    batch_size: int = 32  # prompts per step: a round samples batch_size * steps_per_round prompts
+    lr: float = 2e-5
+    warmup_steps: int = 4
+    num_candidates: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 24
+    generation_batch_size: int = 256  # sequences per generate() call
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    min_score_gap: float = 0.0  # best - worst judge score must exceed this, or the prompt is a tie
+    eval_prompts: int = 64  # held-out prompts: task score every round, judge agreement and KL at start/end; 0: off
+    kl_reference: Optional[str] = None  # an earlier slot to measure eval/kl against; None: the stage's start
+
+    def __post_init__(self):
+        if self.steps_per_round < 1 or self.num_candidates < 2:
+            raise ConfigError(f"steps_per_round must be >= 1 and num_candidates >= 2, got {self.steps_per_round} and {self.num_candidates}")
+
+
+def select_pair(responses: Sequence[str], scores: Sequence[Optional[float]], min_gap: float = 0.0) -> dict:
+    """The best-over-worst pair of one prompt's candidates, or why there is none.
+
+    Identical responses are one response (their scores averaged), so a pair never pits a
+    text against itself. Returns {"status": "pair" | "tie" | "unparseable", "chosen",
+    "rejected", "chosen_score", "rejected_score"}; the first of equal scores wins either
+    way. "unparseable": fewer than two candidates have a score. "tie": best - worst <=
+    min_gap, or every scored candidate is the same text.
+    """
+    merged: dict[str, list[float]] = {}
+    for response, score in zip(responses, scores):
+        if score is not None and math.isfinite(score):
+            merged.setdefault(response, []).append(score)
+    out = {"status": "unparseable", "chosen": None, "rejected": None, "chosen_score": None, "rejected_score": None}
+    if sum(len(v) for v in merged.values()) < 2:
+        return out
+    if len(merged) < 2:
+        out["status"] = "tie"
+        return out
+    means = [(sum(v) / len(v), text) for text, v in merged.items()]
+    best = max(means, key=lambda x: x[0])
+    worst = min(means, key=lambda x: x[0])
+    if best[0] - worst[0] <= min_gap:
+        out["status"] = "tie"
+        return out
+    out.update(status="pair", chosen=best[1], rejected=worst[1], chosen_score=best[0], rejected_score=worst[0])
+    return out
+
+
+def round_stats(rows: list[dict]) -> dict[str, float]:
+    candidates = [c for row in rows for c in row["candidates"]]
+    judge_samples = [s for c in candidates for s in c["judge_scores"]]
+    count = {s: float(sum(row["status"] == s for row in rows)) for s in ("pair", "tie", "unparseable")}
+    stats = {
+        "round/prompts": float(len(rows)),
+        "round/pairs": count["pair"],
+        "round/ties": count["tie"],
+        "round/unparseable": count["unparseable"],
+        "round/judge_parse_failure_rate": sum(s is None for s in judge_samples) / max(1, len(judge_samples)),
+        "round/mean_response_length": sum(len(c["response"]) for c in candidates) / max(1, len(candidates)),
+    }
+    scored = [c["score"] for c in candidates if c["score"] is not None]
+    if scored:
+        stats["round/mean_judge_score"] = sum(scored) / len(scored)
+    truth = [c["verifier"] for c in candidates]
+    if truth and all(t is not None for t in truth):
+        stats["round/mean_verifier_score"] = sum(truth) / len(truth)
+        pairs = [row for row in rows if row["status"] == "pair"]
+        if pairs:  # is the judge's chosen response really better? (diagnostic only, never trained on)
+            gaps = [row["chosen_verifier"] - row["rejected_verifier"] for row in pairs]
+            stats["round/pair_verifier_gap"] = sum(gaps) / len(gaps)
+            decided = [g for g in gaps if g != 0]
+            if decided:
+                stats["round/pair_accuracy"] = sum(g > 0 for g in decided) / len(decided)
+    return stats
+
+
+def _all_gather(rows: list, world: int) -> list:
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, rows)
+        return sorted((row for part in gathered for row in part), key=lambda row: row["index"])
+    return rows
+
+
+def _rank_zero_says(value: bool) -> bool:
+    """Rank 0's value on every rank: ranks must agree whether to sample (a collective) or reload."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return bool(box[0])
+    return value
+
+
+class SelfRewardModule(L.LightningModule):
+    def __init__(self, ctx: StageContext, reference: Optional[torch.nn.Module]):
+        super().__init__()
+        self.policy, self.cfg, self.ctx = ctx.policy, ctx.cfg, ctx
+        self.rounds_dir = Path(ctx.stage_dir) / "rounds"
+        object.__setattr__(self, "reference", reference)  # not a submodule: out of optimizer, DDP, checkpoints
+        self.round = -1
+        self.pairs: list = []
+        self.ref: Optional[torch.Tensor] = None
+        self.order: list[int] = []
+        self.empty_round = False
+        self.recent: deque = deque(maxlen=20)
+        self.last_round: dict[str, float] = {}
+
+    def on_train_start(self):
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        r = int(batch[0])
+        if r != self.round:
+            self._start_round(r)
+
+    def _start_round(self, r: int) -> None:
+        path = self.rounds_dir / f"round_{r:03d}.jsonl"
+        if _rank_zero_says(path.exists()):  # resumed mid-round: reload, never resample
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            log.info("%s round %d: reloaded %s", self.ctx.slot, r, path)
+        else:
+            if self.cfg.eval_prompts and self.trainer.is_global_zero:
+                metrics = heldout_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg.eval, self.cfg.eval_prompts)
+                log_now(self, metrics)
+                self.last_round.update({"round/start_" + k.split("/", 1)[-1]: v for k, v in metrics.items()})
+                log.info("%s round %d start: %s", self.ctx.slot, r, {k: round(v, 4) for k, v in metrics.items()})
+            start = time.perf_counter()
+            rows = self._make_rows(r)
+            if self.trainer.is_global_zero:
+                checkpoint.write_jsonl(path, rows)
+            self.last_round["round/generate_s"] = time.perf_counter() - start
+        tok, max_length = self.ctx.tokenizer, self.ctx.run_cfg.model.max_seq_len
+        pair_rows = [row for row in rows if row["status"] == "pair"]
+        self.pairs = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, max_length) for row in pair_rows]
+        self.ref = torch.tensor([row["ref"] for row in pair_rows]).view(-1, 2) if needs_reference(self.cfg) else None
+        self.empty_round = not self.pairs
+        if self.empty_round:  # a stand-in pair so every rank still runs its steps (with a zero loss)
+            response = rows[0]["candidates"][0]["response"]
+            self.pairs = [encode_pair(PreferencePair(rows[0]["prompt"], response, response), tok, max_length)]
+            self.ref = torch.zeros(1, 2)
+            log.warning("%s round %d: no pair at all; its steps train nothing (raise num_candidates or temperature)", self.ctx.slot, r)
+        self.order = list(range(len(self.pairs)))
+        random.Random(mix_seed(self.ctx.seed, "order", r)).shuffle(self.order)
+        self.round = r
+        stats = round_stats(rows)
+        self.last_round.update(stats)
+        log_now(self, stats)
+        log.info("%s round %d: %s", self.ctx.slot, r, {k: round(v, 4) for k, v in stats.items()})
+
+    def _make_rows(self, r: int) -> list[dict]:
+        """Sample, judge and pair this rank's share of round r's prompts; gather every rank's rows."""
+        cfg, task, tok = self.cfg, self.ctx.task, self.ctx.tokenizer
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        rng = random.Random(mix_seed(self.ctx.seed, "prompts", r))
+        prompts = [task.train_prompt(rng) for _ in range(cfg.batch_size * cfg.steps_per_round)]
+        mine = list(range(len(prompts)))[rank::world]
+        k = cfg.num_candidates
+        repeated = [prompts[i] for i in mine for _ in range(k)]
+        generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "sample", r, rank))
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        responses = generate_text(self.policy, tok, repeated, sampling, cfg.generation_batch_size, generator)
+        judged = judge(self.policy, tok, repeated, responses, cfg.judge, generator, cfg.generation_batch_size)
+        rows = []
+        for j, i in enumerate(mine):
+            sl = slice(j * k, (j + 1) * k)
+            candidates = [
+                {"response": resp, "judgements": jd.texts, "judge_scores": jd.scores, "score": jd.score, "verifier": task.score(prompts[i], resp)}
+                for resp, jd in zip(responses[sl], judged[sl])
+            ]
+            row = {"index": i, "round": r, "prompt": prompts[i], "candidates": candidates}
+            row.update(select_pair([c["response"] for c in candidates], [c["score"] for c in candidates], cfg.min_score_gap))
+            if row["status"] == "pair":
+                truth = {c["response"]: c["verifier"] for c in candidates}
+                row["chosen_verifier"], row["rejected_verifier"] = truth[row["chosen"]], truth[row["rejected"]]
+            rows.append(row)
+        pair_rows = [row for row in rows if row["status"] == "pair"]
+        if pair_rows and self.reference is not None:
+            encoded = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, self.ctx.run_cfg.model.max_seq_len) for row in pair_rows]
+            ref = reference_logprobs(self.reference, encoded, tok.pad_id, 4 * cfg.batch_size, self.device)
+            for row, values in zip(pair_rows, ref.tolist()):
+                row["ref"] = values
+        return _all_gather(rows, world)
+
+    def _chunk(self, step: int) -> list[int]:
+        """This rank's pair indices for step `step` of the round: one pass over the round's pairs."""
+        world = self.trainer.world_size
+        steps = self.cfg.steps_per_round * self.trainer.accumulate_grad_batches
+        n = len(self.pairs)
+        size = max(world, math.ceil(n / steps))  # wraps around only when pairs < steps * world
+        return [self.order[(step * size + j) % n] for j in range(size)][self.trainer.global_rank :: world]
+
+    def training_step(self, batch, batch_idx):
+        chunk = self._chunk(int(batch[1]))
+        tokens, mask = collate_pairs([self.pairs[i] for i in chunk], self.ctx.tokenizer.pad_id)
+        sums, lengths = pair_logprobs(self.policy, tokens.to(self.device), mask.to(self.device))
+        reference = self.ref[chunk].to(self.device) if self.ref is not None else None
+        loss, metrics = preference_loss(self.cfg, sums, lengths, reference)
+        if self.empty_round:
+            loss = loss * 0.0
+        check_finite(loss, self.ctx.slot, self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
+        if not self.empty_round:
+            self.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
+        return loss
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.policy.parameters(), self.cfg)
+
+    def final_metrics(self) -> dict[str, float]:
+        keys = self.recent[0] if self.recent else {}
+        out = {k: sum(r[k] for r in self.recent) / len(self.recent) for k in keys}
+        return {**out, **self.last_round}
+
+
+@torch.no_grad()
+def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, generator, batch_size: int) -> float:
+    """Mean over responses sampled from the policy itself (temperature 1, no filter) of
+    sum(log pi - log pi_ref): an unbiased estimate of KL(pi || pi_ref) per response."""
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
+    total = 0.0
+    for start in range(0, len(prompts), batch_size):
+        ids = [tokenizer.encode(p) for p in prompts[start : start + batch_size]]
+        gen = generate(policy, ids, sampling, tokenizer.eos_id, tokenizer.pad_id, generator)
+        tokens, mask = join_prompt_response(ids, gen.response_ids(), tokenizer.pad_id, device)
+        total += float((sequence_logprobs(policy(tokens), tokens, mask) - sequence_logprobs(reference(tokens), tokens, mask)).sum())
+    policy.train(was_training)
+    return total / max(1, len(prompts))
+
+
+def measure(ctx: StageContext, kl_reference: Optional[torch.nn.Module], name: str) -> dict[str, float]:
+    """Judge agreement (and KL when a reference is given) of the current policy on held-out prompts.
+
+    Writes every held-out candidate and judgement to `<stage_dir>/judge_eval_<name>.jsonl`."""
+    cfg = ctx.cfg
+    prompts = ctx.task.eval_prompts()[: cfg.eval_prompts]
+    device = next(ctx.policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(mix_seed(ctx.seed, "judge_eval"))
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    metrics, rows = evaluate_judge(ctx.policy, ctx.tokenizer, ctx.task, prompts, cfg.num_candidates, sampling, cfg.judge, generator, cfg.generation_batch_size)
+    checkpoint.write_jsonl(Path(ctx.stage_dir) / f"judge_eval_{name}.jsonl", rows)
+    if kl_reference is not None:
+        kl_reference.to(device)
+        metrics["eval/kl"] = kl_estimate(ctx.policy, kl_reference, ctx.tokenizer, prompts * 2, cfg.max_new_tokens, generator, cfg.generation_batch_size)
+    return metrics
+
+
+def write_flat_files(stage_dir: Path) -> dict[str, float]:
+    """All rounds' candidates (with their judgements) and pairs as flat JSONL, the pairs ready
+    for the `dpo` stage's `data`; returns the stage's totals (read from every round's file, so
+    a resumed stage counts the rounds it did before the crash too)."""
+    candidates, pairs = [], []
+    totals = {"pairs_total": 0.0, "ties_total": 0.0, "unparseable_total": 0.0}
+    for path in sorted((stage_dir / "rounds").glob("round_*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            totals[f"{row['status']}s_total" if row["status"] != "unparseable" else "unparseable_total"] += 1
+            for c in row["candidates"]:
+                candidates.append({"round": row["round"], "prompt": row["prompt"], **c})
+            if row["status"] == "pair":
+                pairs.append({k: row[k] for k in ("round", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")})
+    checkpoint.write_jsonl(stage_dir / "candidates.jsonl", candidates)
+    checkpoint.write_jsonl(stage_dir / "pairs.jsonl", pairs)
+    return totals
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    check_loss_config(cfg, ctx.slot)
+    if not hasattr(ctx.task, "train_prompt"):
+        raise ConfigError(f"stages.{ctx.slot}: task {ctx.run_cfg.task.name!r} has no training prompts to sample from")
+    try:  # the template's characters must be ones the tokenizer knows
+        tok.encode(cfg.judge.resolved_template().format(prompt="", response=""))
+    except DataError as err:
+        raise ConfigError(f"stages.{ctx.slot}.judge template: {err}") from None
+    kl_slot_dir = ctx.stage_dir_of(cfg.kl_reference) if cfg.kl_reference else None  # fails now if the slot is not earlier
+
+    start = starting_reference(ctx)  # the iteration's starting weights, frozen (LoRA-aware)
+    kl_ref = start
+    if kl_slot_dir is not None:
+        kl_ref = ctx.new_model()
+        checkpoint.load_weights(kl_ref, kl_slot_dir / "policy.safetensors")
+        kl_ref.requires_grad_(False).eval()
+    metrics: dict[str, float] = {}
+    if cfg.eval_prompts and ctx.is_global_zero:
+        cached = Path(ctx.stage_dir) / "start_eval.json"  # a resumed stage does not measure its start again
+        if cached.exists():
+            start_metrics = checkpoint.read_json(cached)
+        else:
+            start_metrics = measure(ctx, None, "start")
+            checkpoint.write_json(cached, start_metrics)
+        metrics.update({k.replace("eval/", "start/", 1): v for k, v in start_metrics.items()})
+        log.info("%s start: %s", ctx.slot, {k: round(v, 4) for k, v in start_metrics.items()})
+
+    module = SelfRewardModule(ctx, start if needs_reference(cfg) else None)
+    per_round = cfg.steps_per_round * cfg.accumulate_grad_batches
+
+    def make_batch(i: int, rank: int, world: int) -> torch.Tensor:
+        return torch.tensor([i // per_round, i % per_round])
+
+    ctx.fit(module, make_batch)
+    metrics.update(module.final_metrics())
+    if ctx.is_global_zero:
+        metrics.update(write_flat_files(Path(ctx.stage_dir)))
+        if cfg.eval_prompts:
+            end = measure(ctx, kl_ref, "end")
+            metrics.update(end)
+            if ctx.logger is not None:
+                ctx.logger.log_metrics({**end, **{k: v for k, v in metrics.items() if k.startswith("start/")}})
+            log.info("%s end: %s", ctx.slot, {k: round(v, 4) for k, v in end.items()})
+    return StageResult(ctx.policy, metrics)
