@@ -130,6 +130,8 @@ def typed_run_config(cfg: DictConfig) -> DictConfig:
     """Merge a composed or saved run config into the schema; check order against slots."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        # resolve `${task.data}`-style interpolations now: stage configs are validated one by one later
+        OmegaConf.resolve(merged)
     except Exception as err:
         raise ConfigError(str(err).splitlines()[0]) from None
     if OmegaConf.is_missing(merged, "order") or not merged.order:
