@@ -1,7 +1,7 @@
 """DPO stage throughput, MFU and peak memory at the two sizes the GUIDE's TRL numbers use.
 
     python benchmarks/bench_dpo.py                 # both sizes, writes benchmarks/results/dpo.json
-    python benchmarks/bench_dpo.py --sizes 3m --steps 20
+    python benchmarks/bench_dpo.py --sizes 20m        # one size; the other size's runs are kept
 
 Measured through the stage's own code: rlhf.stages.dpo's PairSource and DPOModule trained
 by ctx.fit (the Lightning Trainer every stage uses), on synthetic pairs read from a JSONL
@@ -11,8 +11,8 @@ backward, AdamW and gradient clipping are all in the timed steps.
 Tokens: every pair is a prompt of L/2 tokens and two responses of L/2 tokens (EOS
 included), so each of the 2 x batch sequences is exactly L tokens and nothing is padding.
 tokens/s = (chosen + rejected tokens, prompt included, per step) x steps/s, i.e. the
-non-pad tokens of the concatenated batch, which is how TRL's DPOTrainer counts
-`num_input_tokens_seen`.
+non-pad tokens of the concatenated chosen+rejected batch (the GUIDE's TRL figures count
+chosen + rejected tokens processed per second).
 
 MFU: model FLOPs per step / step time / peak. Model FLOPs per token: 6 N (policy forward
 and backward, N = parameters that do matmuls: everything but the token embedding) +
@@ -166,8 +166,8 @@ def run_one(size: str, steps: int, warmup: int, precompute: bool, precision: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--steps", type=int, default=0, help="measured steps (0: 40 at 3m, 12 at 20m)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
+    parser.add_argument("--steps", type=int, default=0, help="measured steps (0: 20 at 3m, 6 at 20m)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dpo.json")
     parser.add_argument("--one", nargs=5, metavar=("SIZE", "STEPS", "WARMUP", "PRECOMPUTE", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--one-out", type=Path, help=argparse.SUPPRESS)
@@ -185,7 +185,7 @@ def main() -> None:
     peaks = {"fp32": matmul_peak("fp32"), "bf16": matmul_peak("bf16")}
     runs = []
     for size in args.sizes:
-        steps = args.steps or {"3m": 40, "20m": 12}[size]
+        steps = args.steps or {"3m": 20, "20m": 6}[size]
         for precompute, precision in ((False, "32-true"), (True, "32-true"), (True, "bf16-mixed")):
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
                 cmd = [sys.executable, __file__, "--one", size, str(steps), str(args.warmup), str(int(precompute)), precision, "--one-out", tmp.name]
@@ -198,6 +198,7 @@ def main() -> None:
             peak = peaks["bf16" if precision.startswith("bf16") else "fp32"]
             result["mfu"] = result["model_gflop_per_step"] * result["steps_per_s"] / peak
             result["mfu_peak_gflops"] = peak
+            result["matmul_peak_gflops_fp32_bf16"] = [peaks["fp32"], peaks["bf16"]]
             result["trl_tokens_per_s"] = spec["trl_tokens_per_s"]
             result["trl_steps_per_s"] = spec["trl_steps_per_s"]
             result["x_trl_tokens"] = result["tokens_per_s"] / spec["trl_tokens_per_s"]
@@ -205,12 +206,15 @@ def main() -> None:
             runs.append(result)
             print(f"{size} precompute={precompute!s:5} {precision:10} {result['tokens_per_s']:8.0f} tok/s {result['steps_per_s']:6.2f} steps/s "
                   f"MFU {result['mfu']:.0%} peak RSS {result['peak_rss_mb']:.0f} MB  x{result['x_trl_tokens']:.1f} TRL  load {result['loadavg_1m_before']:.1f}")
+    if args.out.exists():  # measuring some sizes again keeps the others' runs
+        kept = [r for r in json.loads(args.out.read_text()).get("runs", []) if r["size"] not in args.sizes]
+        runs = kept + runs
     report = {
         "benchmark": "dpo stage training throughput (rlhf.stages.dpo via ctx.fit)",
         "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "matmul_peak_gflops": peaks,
+        "matmul_peak_gflops": peaks,  # this invocation's; each run keeps the peak its MFU used
         "token_definition": "chosen + rejected tokens (prompt included, no padding) processed per second; every sequence is exactly `length` tokens",
         "loadavg_at_start": os.getloadavg(),
         "wall_s": time.time() - started,
