@@ -73,7 +73,7 @@ class PairSource:
     def __init__(self, ctx: StageContext):
         cfg = ctx.cfg
         self.task, self.tok, self.batch_size, self.seed = ctx.task, ctx.tokenizer, cfg.batch_size, ctx.seed
-        self.max_length = cfg.max_length or ctx.run_cfg.model.max_seq_len
+        self.max_length = cfg.max_length or ctx.policy.max_seq_len
         self.pairs = None
         if cfg.data is not None:
             from rlhf.data.jsonl import read_preference_pairs

@@ -186,7 +186,7 @@ class OnlineDPOModule(L.LightningModule):
                 checkpoint.write_jsonl(path, rows)
             self.last_round["round/generate_s"] = time.perf_counter() - start
         tok = self.ctx.tokenizer
-        max_length = self.ctx.run_cfg.model.max_seq_len
+        max_length = self.ctx.policy.max_seq_len
         pair_rows = [row for row in rows if row["status"] == "pair"]
         self.pairs = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, max_length) for row in pair_rows]
         self.ref = torch.tensor([row["ref"] for row in pair_rows]).view(-1, 2) if needs_reference(self.cfg) else None
@@ -223,7 +223,7 @@ class OnlineDPOModule(L.LightningModule):
         pair_rows = [row for row in rows if row["status"] == "pair"]
         if pair_rows and needs_reference(cfg):
             model = self.policy if cfg.refresh_reference else self.reference
-            encoded = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, self.ctx.run_cfg.model.max_seq_len) for row in pair_rows]
+            encoded = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, self.ctx.policy.max_seq_len) for row in pair_rows]
             ref = reference_logprobs(model, encoded, tok.pad_id, cfg.batch_size, self.device)
             for row, values in zip(pair_rows, ref.tolist()):
                 row["ref"] = values

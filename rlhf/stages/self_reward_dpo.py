@@ -213,7 +213,7 @@ class SelfRewardModule(L.LightningModule):
             if self.trainer.is_global_zero:
                 checkpoint.write_jsonl(path, rows)
             self.last_round["round/generate_s"] = time.perf_counter() - start
-        tok, max_length = self.ctx.tokenizer, self.ctx.run_cfg.model.max_seq_len
+        tok, max_length = self.ctx.tokenizer, self.ctx.policy.max_seq_len
         pair_rows = [row for row in rows if row["status"] == "pair"]
         self.pairs = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, max_length) for row in pair_rows]
         self.ref = torch.tensor([row["ref"] for row in pair_rows]).view(-1, 2) if needs_reference(self.cfg) else None
@@ -259,7 +259,7 @@ class SelfRewardModule(L.LightningModule):
             rows.append(row)
         pair_rows = [row for row in rows if row["status"] == "pair"]
         if pair_rows and self.reference is not None:
-            encoded = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, self.ctx.run_cfg.model.max_seq_len) for row in pair_rows]
+            encoded = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, self.ctx.policy.max_seq_len) for row in pair_rows]
             ref = reference_logprobs(self.reference, encoded, tok.pad_id, 4 * cfg.batch_size, self.device)
             for row, values in zip(pair_rows, ref.tolist()):
                 row["ref"] = values

@@ -171,7 +171,7 @@ class SpinModule(L.LightningModule):
             if self.trainer.is_global_zero:
                 checkpoint.write_jsonl(path, rows)
             self.last_round["round/generate_s"] = time.perf_counter() - start
-        tok, max_length = self.ctx.tokenizer, self.ctx.run_cfg.model.max_seq_len
+        tok, max_length = self.ctx.tokenizer, self.ctx.policy.max_seq_len
         used = [row for row in rows if row["status"] == "pair"]
         self.pairs = [encode_pair(PreferencePair(row["prompt"], row["real"], row["generated"]), tok, max_length) for row in used]
         self.ref = torch.tensor([row["ref"] for row in used]).view(-1, 2)
@@ -220,7 +220,7 @@ class SpinModule(L.LightningModule):
             row["status"] = "identical" if row["generated"] == row["real"] else "pair"
         used = [row for row in rows if row["status"] == "pair"]
         if used:
-            encoded = [encode_pair(PreferencePair(row["prompt"], row["real"], row["generated"]), tok, self.ctx.run_cfg.model.max_seq_len) for row in used]
+            encoded = [encode_pair(PreferencePair(row["prompt"], row["real"], row["generated"]), tok, self.ctx.policy.max_seq_len) for row in used]
             ref = reference_logprobs(self.opponent, encoded, tok.pad_id, 4 * cfg.batch_size, self.device)
             for row, values in zip(used, ref.tolist()):
                 row["ref"] = values
