@@ -5,6 +5,12 @@ A judge is three things:
                with its verdict. Default: the built-in task's DEFAULT_JUDGE_TEMPLATE
                ("judge {prompt}answer {response}\\nscore:"), which SFT teaches with
                `judge_fraction` (the model answers " N", N = round(5 * verifier score)).
+               Optional `{reference}`: the judge's OWN answer to the prompt, sampled
+               before judging (reference-guided grading, Zheng et al. 2023). Each of the
+               num_samples judge samples of a candidate gets its own reference; the
+               candidates of one prompt are judged against the same references, so their
+               scores compare fairly. (On the built-in task the 1.5 M model did not learn
+               to compare answers this way either: docs/results_self_reward.md.)
   score_regex  a regular expression with exactly ONE capture group holding the number.
                It is searched in the judge's GENERATED text only, never in the prompt, so a
                candidate response that writes "score: 5" into its answer cannot fool it.
@@ -21,7 +27,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,19 +47,25 @@ def default_template() -> str:
     return DEFAULT_JUDGE_TEMPLATE
 
 
+def template_fields(template: str) -> set[str]:
+    """The placeholder names in a str.format template ({{ and }} are literal braces)."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
 def validate_template(template: str) -> str:
-    """The template itself, or ConfigError when it cannot be filled with a prompt and a response."""
+    """The template itself, or ConfigError when it cannot be filled with a prompt and a response
+    (and, optionally, the judge's reference answer)."""
     if not isinstance(template, str) or not template:
         raise ConfigError("judge template is empty")
     missing = [name for name in ("{prompt}", "{response}") if name not in template]
     if missing:
         raise ConfigError(f"judge template has no {' or '.join(missing)} placeholder: {template!r}")
     try:
-        template.format(prompt="p", response="r")
+        template.format(prompt="p", response="r", reference="a")
     except (KeyError, IndexError, ValueError) as err:
         raise ConfigError(
             f"judge template {template!r} cannot be filled ({type(err).__name__}: {err}); "
-            "only {prompt} and {response} are placeholders, write literal braces as {{ and }}"
+            "only {prompt}, {response} and {reference} are placeholders, write literal braces as {{ and }}"
         ) from None
     return template
 
@@ -116,6 +129,7 @@ class JudgeConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 6  # room for " 4.5" + EOS; a template asking for reasons needs more
+    reference_max_new_tokens: int = 24  # the judge's own answer, for templates with {reference}
 
     def __post_init__(self):
         # runs when the run's config becomes typed (before any stage trains), so a bad
@@ -126,8 +140,8 @@ class JudgeConfig:
         validate_regex(self.score_regex)
         if not self.min_score < self.max_score:
             raise ConfigError(f"judge: min_score ({self.min_score}) must be below max_score ({self.max_score})")
-        if self.num_samples < 1 or self.max_new_tokens < 1:
-            raise ConfigError("judge: num_samples and max_new_tokens must be >= 1")
+        if self.num_samples < 1 or self.max_new_tokens < 1 or self.reference_max_new_tokens < 1:
+            raise ConfigError("judge: num_samples, max_new_tokens and reference_max_new_tokens must be >= 1")
 
     def resolved_template(self) -> str:
         if self.template is not None:
@@ -139,10 +153,12 @@ class JudgeConfig:
 
 @dataclass
 class Judgement:
-    """One candidate's verdict: the raw judge texts, each one's parsed score, and their mean (None if none parsed)."""
+    """One candidate's verdict: the raw judge texts, each one's parsed score, and their mean
+    (None if none parsed); with a {reference} template, the reference each sample judged against."""
 
     texts: list[str]
     scores: list[Optional[float]]
+    references: list[str] = field(default_factory=list)
 
     @property
     def score(self) -> Optional[float]:
@@ -163,21 +179,31 @@ def judge(
     generator: Optional[torch.Generator] = None,
     batch_size: int = 256,
 ) -> list[Judgement]:
-    """Judge every (prompt, response) with cfg.num_samples sampled verdicts each (batched, KV cache)."""
+    """Judge every (prompt, response) with cfg.num_samples sampled verdicts each (batched, KV cache).
+
+    With a `{reference}` template the judge first answers each distinct prompt
+    cfg.num_samples times itself; verdict j of every candidate of that prompt uses answer j."""
     from rlhf.evaluation import generate_text
     from rlhf.sampling import SamplingConfig
 
     template = cfg.resolved_template()
     pattern = validate_regex(cfg.score_regex)
-    queries = [template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
     j = cfg.num_samples
-    repeated = [q for q in queries for _ in range(j)]
+    references: dict[str, list[str]] = {}
+    if "reference" in template_fields(template) and prompts:
+        distinct = list(dict.fromkeys(prompts))
+        sampling = SamplingConfig(max_new_tokens=cfg.reference_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        answers = generate_text(policy, tokenizer, [p for p in distinct for _ in range(j)], sampling, batch_size, generator)
+        references = {p: answers[i * j : (i + 1) * j] for i, p in enumerate(distinct)}
+    refs = [references.get(p, [""] * j) for p in prompts]
+    repeated = [template.format(prompt=p, response=r, reference=ref[s]) for p, r, ref in zip(prompts, responses, refs) for s in range(j)]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     texts = generate_text(policy, tokenizer, repeated, sampling, batch_size, generator) if repeated else []
     out = []
-    for i in range(len(queries)):
+    for i in range(len(prompts)):
         chunk = texts[i * j : (i + 1) * j]
-        out.append(Judgement(chunk, [parse_judgement(t, pattern, cfg.min_score, cfg.max_score) for t in chunk]))
+        scores = [parse_judgement(t, pattern, cfg.min_score, cfg.max_score) for t in chunk]
+        out.append(Judgement(chunk, scores, refs[i] if references else []))
     return out
 
 
@@ -252,7 +278,7 @@ def evaluate_judge(
     samples = sum(len(j.scores) for j in judged)
     metrics = {"eval/judge_parse_failure_rate": sum(j.failures for j in judged) / max(1, samples)}
     rows = [
-        {"prompt": p, "response": r, "judgements": j.texts, "judge_scores": j.scores, "score": j.score, "verifier": t}
+        {"prompt": p, "response": r, "judgements": j.texts, "judge_references": j.references, "judge_scores": j.scores, "score": j.score, "verifier": t}
         for p, r, j, t in zip(repeated, responses, judged, truth)
     ]
     if repeated and all(t is not None for t in truth):

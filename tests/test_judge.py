@@ -176,3 +176,30 @@ def test_pairwise_agreement():
     assert pairwise_agreement(judged, truth) == (2.5, 3)
     assert pairwise_agreement([1.0, 2.0], [1.0, 0.0]) == (0.0, 1)
     assert pairwise_agreement([1.0, 2.0], [0.5, 0.5]) == (0.0, 0)
+
+
+def test_reference_judge_shares_each_prompts_references(monkeypatch):
+    """With {reference}, each distinct prompt gets num_samples answers from the judge first;
+    verdict s of EVERY candidate of that prompt is judged against answer s."""
+    import rlhf.evaluation
+
+    calls = []
+
+    def fake_generate_text(policy, tokenizer, texts, sampling, batch_size, generator=None):
+        calls.append(list(texts))
+        if len(calls) == 1:  # the references: "<prompt's first letter><sample index>"
+            return [f"{t[6]}{i % 2}" for i, t in enumerate(texts)]
+        # the verdicts: 5 when the response equals the reference, else 1
+        return [" 5" if t.split("answer ")[1].split("\n")[0] == t.split("reference ")[1].split("\n")[0] else " 1" for t in texts]
+
+    monkeypatch.setattr(rlhf.evaluation, "generate_text", fake_generate_text)
+    cfg = JudgeConfig(num_samples=2, template="{prompt}answer {response}\nreference {reference}\nscore:")
+    prompts = ["sort: x\n", "sort: x\n", "sort: y\n"]
+    out = judge(None, None, prompts, ["x0", "x1", "y1"], cfg)
+    assert calls[0] == ["sort: x\n", "sort: x\n", "sort: y\n", "sort: y\n"]  # distinct prompts only
+    assert [j.references for j in out] == [["x0", "x1"], ["x0", "x1"], ["y0", "y1"]]
+    assert [j.scores for j in out] == [[5.0, 1.0], [1.0, 5.0], [1.0, 5.0]]
+    # a template without {reference} samples no references
+    calls.clear()
+    out = judge(None, None, prompts[:1], ["x0"], JudgeConfig(num_samples=2, template="{prompt}{response}\nscore:"))
+    assert len(calls) == 1 and out[0].references == []

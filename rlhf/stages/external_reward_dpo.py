@@ -28,20 +28,16 @@ still moves the weights a little); raise num_candidates or temperature if that h
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
 import torch
 
-from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.data.examples import PreferencePair
 from rlhf.errors import ConfigError
@@ -49,9 +45,7 @@ from rlhf.evaluation import generate_text
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
-    collate_pairs,
     encode_pair,
-    heldout_eval,
     log_now,
     needs_reference,
     pair_logprobs,
@@ -61,6 +55,7 @@ from rlhf.preference_batch import (
 )
 from rlhf.reward import reward_function
 from rlhf.sampling import SamplingConfig
+from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, round_batches, round_path
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import adamw_with_schedule, check_finite, mix_seed
 
@@ -144,14 +139,10 @@ class OnlineDPOModule(L.LightningModule):
     def __init__(self, ctx: StageContext, reference: Optional[torch.nn.Module]):
         super().__init__()
         self.policy, self.cfg, self.ctx = ctx.policy, ctx.cfg, ctx
-        self.rounds_dir = Path(ctx.stage_dir) / "rounds"
         object.__setattr__(self, "reference", reference)  # not a submodule: out of optimizer, DDP, checkpoints
         self.reward = None
         self.round = -1
-        self.pairs: list = []
-        self.ref: Optional[torch.Tensor] = None
-        self.order: list[int] = []
-        self.empty_round = False
+        self.data: Optional[RoundPairs] = None
         self.recent: deque = deque(maxlen=20)
         self.last_round: dict[str, float] = {}
 
@@ -170,33 +161,10 @@ class OnlineDPOModule(L.LightningModule):
 
     # -- a round's pairs --------------------------------------------------------------------
     def _start_round(self, r: int) -> None:
-        path = self.rounds_dir / f"round_{r:03d}.jsonl"
-        if path.exists():  # resumed mid-round: the weights are no longer the round's start
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            log.info("%s round %d: reloaded %s", self.ctx.slot, r, path)
-        else:
-            if self.cfg.eval_prompts and self.trainer.is_global_zero:
-                metrics = heldout_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg.eval, self.cfg.eval_prompts)
-                log_now(self, {**metrics, "round": float(r)})
-                self.last_round.update({f"round/{k}": v for k, v in metrics.items()})
-                log.info("%s round %d start: %s", self.ctx.slot, r, {k: round(v, 4) for k, v in metrics.items()})
-            start = time.perf_counter()
-            rows = self._make_rows(r)
-            if self.trainer.is_global_zero:
-                checkpoint.write_jsonl(path, rows)
-            self.last_round["round/generate_s"] = time.perf_counter() - start
-        tok = self.ctx.tokenizer
-        max_length = self.ctx.policy.max_seq_len
-        pair_rows = [row for row in rows if row["status"] == "pair"]
-        self.pairs = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, max_length) for row in pair_rows]
-        self.ref = torch.tensor([row["ref"] for row in pair_rows]).view(-1, 2) if needs_reference(self.cfg) else None
-        self.empty_round = not self.pairs
-        if self.empty_round:  # a stand-in pair so every step still runs (with a zero loss)
-            response = rows[0]["candidates"][0]["response"]
-            self.pairs = [encode_pair(PreferencePair(rows[0]["prompt"], response, response), tok, max_length)]
-            self.ref = torch.zeros(1, 2)
-        self.order = list(range(len(self.pairs)))
-        random.Random(mix_seed(self.ctx.seed, "order", r)).shuffle(self.order)
+        rows, reloaded = load_or_make(round_path(self.ctx.stage_dir, r), lambda: new_round_rows(self, r, self._make_rows, self.cfg.eval_prompts), self.trainer.is_global_zero)
+        if reloaded:  # resumed mid-round: the weights are no longer the round's start
+            log.info("%s round %d: reloaded", self.ctx.slot, r)
+        self.data = RoundPairs.best_vs_worst(rows, needs_reference(self.cfg), self.ctx.tokenizer, self.ctx.policy.max_seq_len, self.ctx.seed, r)
         self.round = r
         stats = round_stats(rows)
         self.last_round.update(stats)
@@ -227,33 +195,20 @@ class OnlineDPOModule(L.LightningModule):
             ref = reference_logprobs(model, encoded, tok.pad_id, cfg.batch_size, self.device)
             for row, values in zip(pair_rows, ref.tolist()):
                 row["ref"] = values
-        if world > 1:
-            gathered: list = [None] * world
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = sorted((row for part in gathered for row in part), key=lambda row: row["index"])
-        return rows
+        return gather_rows(rows, world)
 
     # -- training ---------------------------------------------------------------------------
-    def _chunk(self, k: int) -> list[int]:
-        """This rank's pair indices for step k of the round: one pass over the round's pairs."""
-        world = self.trainer.world_size
-        steps = self.cfg.steps_per_round * self.trainer.accumulate_grad_batches
-        n = len(self.pairs)
-        size = max(world, math.ceil(n / steps))  # wraps around only when pairs < steps * world
-        return [self.order[(k * size + j) % n] for j in range(size)][self.trainer.global_rank :: world]
-
     def training_step(self, batch, batch_idx):
-        chunk = self._chunk(int(batch[1]))
-        tokens, mask = collate_pairs([self.pairs[i] for i in chunk], self.ctx.tokenizer.pad_id)
-        sums, lengths = pair_logprobs(self.policy, tokens.to(self.device), mask.to(self.device))
-        reference = self.ref[chunk].to(self.device) if self.ref is not None else None
+        data = self.data
+        tokens, mask, reference = data.step_batch(int(batch[1]), self, self.cfg.steps_per_round)
+        sums, lengths = pair_logprobs(self.policy, tokens, mask)
         loss, metrics = preference_loss(self.cfg, sums, lengths, reference)
-        if self.empty_round:
+        if data.empty:
             loss = loss * 0.0
         check_finite(loss, self.ctx.slot, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
-        if not self.empty_round:
+        if not data.empty:
             self.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
         return loss
 
@@ -265,10 +220,8 @@ class OnlineDPOModule(L.LightningModule):
         out = {k: sum(r[k] for r in self.recent) / len(self.recent) for k in keys}
         # totals over every round's file, so rounds run before a resume count too
         totals = {f"rounds/{name}": 0.0 for name in STATUSES.values()}
-        for path in sorted(self.rounds_dir.glob("round_*.jsonl")):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    totals[f"rounds/{STATUSES[json.loads(line)['status']]}"] += 1
+        for row in all_round_rows(self.ctx.stage_dir):
+            totals[f"rounds/{STATUSES[row['status']]}"] += 1
         return {**out, **self.last_round, **totals}
 
 
@@ -285,10 +238,5 @@ def run(ctx: StageContext) -> StageResult:
     if needs_reference(cfg) and not cfg.refresh_reference:
         reference = starting_reference(ctx)
     module = OnlineDPOModule(ctx, reference)
-    per_round = cfg.steps_per_round * cfg.accumulate_grad_batches
-
-    def make_batch(i: int, rank: int, world: int) -> torch.Tensor:
-        return torch.tensor([i // per_round, i % per_round])
-
-    ctx.fit(module, make_batch)
+    ctx.fit(module, round_batches(cfg.steps_per_round * cfg.accumulate_grad_batches))
     return StageResult(ctx.policy, module.final_metrics())

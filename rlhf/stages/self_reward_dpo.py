@@ -36,11 +36,9 @@ or, with `kl_reference: <slot>`, that earlier slot's weights (the recipes use th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +57,7 @@ from rlhf.logprobs import sequence_logprobs
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
-    collate_pairs,
     encode_pair,
-    heldout_eval,
     log_now,
     needs_reference,
     pair_logprobs,
@@ -70,6 +66,7 @@ from rlhf.preference_batch import (
     starting_reference,
 )
 from rlhf.sampling import SamplingConfig, generate, join_prompt_response
+from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, round_batches, round_path
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import adamw_with_schedule, check_finite, mix_seed
 
@@ -157,34 +154,13 @@ def round_stats(rows: list[dict]) -> dict[str, float]:
     return stats
 
 
-def _all_gather(rows: list, world: int) -> list:
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, rows)
-        return sorted((row for part in gathered for row in part), key=lambda row: row["index"])
-    return rows
-
-
-def _rank_zero_says(value: bool) -> bool:
-    """Rank 0's value on every rank: ranks must agree whether to sample (a collective) or reload."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return bool(box[0])
-    return value
-
-
 class SelfRewardModule(L.LightningModule):
     def __init__(self, ctx: StageContext, reference: Optional[torch.nn.Module]):
         super().__init__()
         self.policy, self.cfg, self.ctx = ctx.policy, ctx.cfg, ctx
-        self.rounds_dir = Path(ctx.stage_dir) / "rounds"
         object.__setattr__(self, "reference", reference)  # not a submodule: out of optimizer, DDP, checkpoints
         self.round = -1
-        self.pairs: list = []
-        self.ref: Optional[torch.Tensor] = None
-        self.order: list[int] = []
-        self.empty_round = False
+        self.data: Optional[RoundPairs] = None
         self.recent: deque = deque(maxlen=20)
         self.last_round: dict[str, float] = {}
 
@@ -198,33 +174,12 @@ class SelfRewardModule(L.LightningModule):
             self._start_round(r)
 
     def _start_round(self, r: int) -> None:
-        path = self.rounds_dir / f"round_{r:03d}.jsonl"
-        if _rank_zero_says(path.exists()):  # resumed mid-round: reload, never resample
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            log.info("%s round %d: reloaded %s", self.ctx.slot, r, path)
-        else:
-            if self.cfg.eval_prompts and self.trainer.is_global_zero:
-                metrics = heldout_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg.eval, self.cfg.eval_prompts)
-                log_now(self, metrics)
-                self.last_round.update({"round/start_" + k.split("/", 1)[-1]: v for k, v in metrics.items()})
-                log.info("%s round %d start: %s", self.ctx.slot, r, {k: round(v, 4) for k, v in metrics.items()})
-            start = time.perf_counter()
-            rows = self._make_rows(r)
-            if self.trainer.is_global_zero:
-                checkpoint.write_jsonl(path, rows)
-            self.last_round["round/generate_s"] = time.perf_counter() - start
-        tok, max_length = self.ctx.tokenizer, self.ctx.policy.max_seq_len
-        pair_rows = [row for row in rows if row["status"] == "pair"]
-        self.pairs = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, max_length) for row in pair_rows]
-        self.ref = torch.tensor([row["ref"] for row in pair_rows]).view(-1, 2) if needs_reference(self.cfg) else None
-        self.empty_round = not self.pairs
-        if self.empty_round:  # a stand-in pair so every rank still runs its steps (with a zero loss)
-            response = rows[0]["candidates"][0]["response"]
-            self.pairs = [encode_pair(PreferencePair(rows[0]["prompt"], response, response), tok, max_length)]
-            self.ref = torch.zeros(1, 2)
+        rows, reloaded = load_or_make(round_path(self.ctx.stage_dir, r), lambda: new_round_rows(self, r, self._make_rows, self.cfg.eval_prompts), self.trainer.is_global_zero)
+        if reloaded:  # resumed mid-round: the weights are no longer the round's start
+            log.info("%s round %d: reloaded", self.ctx.slot, r)
+        self.data = RoundPairs.best_vs_worst(rows, needs_reference(self.cfg), self.ctx.tokenizer, self.ctx.policy.max_seq_len, self.ctx.seed, r)
+        if self.data.empty:
             log.warning("%s round %d: no pair at all; its steps train nothing (raise num_candidates or temperature)", self.ctx.slot, r)
-        self.order = list(range(len(self.pairs)))
-        random.Random(mix_seed(self.ctx.seed, "order", r)).shuffle(self.order)
         self.round = r
         stats = round_stats(rows)
         self.last_round.update(stats)
@@ -248,7 +203,7 @@ class SelfRewardModule(L.LightningModule):
         for j, i in enumerate(mine):
             sl = slice(j * k, (j + 1) * k)
             candidates = [
-                {"response": resp, "judgements": jd.texts, "judge_scores": jd.scores, "score": jd.score, "verifier": task.score(prompts[i], resp)}
+                {"response": resp, "judgements": jd.texts, "judge_references": jd.references, "judge_scores": jd.scores, "score": jd.score, "verifier": task.score(prompts[i], resp)}
                 for resp, jd in zip(responses[sl], judged[sl])
             ]
             row = {"index": i, "round": r, "prompt": prompts[i], "candidates": candidates}
@@ -263,28 +218,19 @@ class SelfRewardModule(L.LightningModule):
             ref = reference_logprobs(self.reference, encoded, tok.pad_id, 4 * cfg.batch_size, self.device)
             for row, values in zip(pair_rows, ref.tolist()):
                 row["ref"] = values
-        return _all_gather(rows, world)
-
-    def _chunk(self, step: int) -> list[int]:
-        """This rank's pair indices for step `step` of the round: one pass over the round's pairs."""
-        world = self.trainer.world_size
-        steps = self.cfg.steps_per_round * self.trainer.accumulate_grad_batches
-        n = len(self.pairs)
-        size = max(world, math.ceil(n / steps))  # wraps around only when pairs < steps * world
-        return [self.order[(step * size + j) % n] for j in range(size)][self.trainer.global_rank :: world]
+        return gather_rows(rows, world)
 
     def training_step(self, batch, batch_idx):
-        chunk = self._chunk(int(batch[1]))
-        tokens, mask = collate_pairs([self.pairs[i] for i in chunk], self.ctx.tokenizer.pad_id)
-        sums, lengths = pair_logprobs(self.policy, tokens.to(self.device), mask.to(self.device))
-        reference = self.ref[chunk].to(self.device) if self.ref is not None else None
+        data = self.data
+        tokens, mask, reference = data.step_batch(int(batch[1]), self, self.cfg.steps_per_round)
+        sums, lengths = pair_logprobs(self.policy, tokens, mask)
         loss, metrics = preference_loss(self.cfg, sums, lengths, reference)
-        if self.empty_round:
+        if data.empty:
             loss = loss * 0.0
         check_finite(loss, self.ctx.slot, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
-        if not self.empty_round:
+        if not data.empty:
             self.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
         return loss
 
@@ -338,9 +284,7 @@ def write_flat_files(stage_dir: Path) -> dict[str, float]:
     a resumed stage counts the rounds it did before the crash too)."""
     candidates, pairs = [], []
     totals = {"pairs_total": 0.0, "ties_total": 0.0, "unparseable_total": 0.0}
-    for path in sorted((stage_dir / "rounds").glob("round_*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+    for row in all_round_rows(stage_dir):
             totals[f"{row['status']}s_total" if row["status"] != "unparseable" else "unparseable_total"] += 1
             for c in row["candidates"]:
                 candidates.append({"round": row["round"], "prompt": row["prompt"], **c})
@@ -357,7 +301,7 @@ def run(ctx: StageContext) -> StageResult:
     if not hasattr(ctx.task, "train_prompt"):
         raise ConfigError(f"stages.{ctx.slot}: task {ctx.run_cfg.task.name!r} has no training prompts to sample from")
     try:  # the template's characters must be ones the tokenizer knows
-        tok.encode(cfg.judge.resolved_template().format(prompt="", response=""))
+        tok.encode(cfg.judge.resolved_template().format(prompt="", response="", reference=""))
     except DataError as err:
         raise ConfigError(f"stages.{ctx.slot}.judge template: {err}") from None
     kl_slot_dir = ctx.stage_dir_of(cfg.kl_reference) if cfg.kl_reference else None  # fails now if the slot is not earlier
@@ -380,12 +324,7 @@ def run(ctx: StageContext) -> StageResult:
         log.info("%s start: %s", ctx.slot, {k: round(v, 4) for k, v in start_metrics.items()})
 
     module = SelfRewardModule(ctx, start if needs_reference(cfg) else None)
-    per_round = cfg.steps_per_round * cfg.accumulate_grad_batches
-
-    def make_batch(i: int, rank: int, world: int) -> torch.Tensor:
-        return torch.tensor([i // per_round, i % per_round])
-
-    ctx.fit(module, make_batch)
+    ctx.fit(module, round_batches(cfg.steps_per_round * cfg.accumulate_grad_batches))
     metrics.update(module.final_metrics())
     if ctx.is_global_zero:
         metrics.update(write_flat_files(Path(ctx.stage_dir)))

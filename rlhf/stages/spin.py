@@ -24,11 +24,8 @@ of generating again; each rank generates its share and the rows are all-gathered
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +40,9 @@ from rlhf.data.examples import PreferencePair, SFTExample
 from rlhf.errors import ConfigError
 from rlhf.evaluation import generate_text
 from rlhf.losses.preference import chosen_nll, preference_accuracy, spin_loss
-from rlhf.preference_batch import collate_pairs, encode_pair, heldout_eval, log_now, pair_logprobs, reference_logprobs, starting_reference
+from rlhf.preference_batch import encode_pair, log_now, pair_logprobs, reference_logprobs, starting_reference
 from rlhf.sampling import SamplingConfig
+from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, read_rows, round_batches, round_path
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import EpochSampler, adamw_with_schedule, check_finite, mix_seed
 
@@ -99,31 +97,10 @@ def spin_step_loss(policy, tokens: torch.Tensor, mask: torch.Tensor, ref: torch.
     return loss, metrics
 
 
-def _all_gather(rows: list, world: int) -> list:
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, rows)
-        return sorted((row for part in gathered for row in part), key=lambda row: row["index"])
-    return rows
-
-
-def _rank_zero_says(value: bool) -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return bool(box[0])
-    return value
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class SpinModule(L.LightningModule):
     def __init__(self, ctx: StageContext, opponent: torch.nn.Module, previous: list[dict]):
         super().__init__()
         self.policy, self.cfg, self.ctx = ctx.policy, ctx.cfg, ctx
-        self.rounds_dir = Path(ctx.stage_dir) / "rounds"
         object.__setattr__(self, "opponent", opponent)  # not a submodule: out of optimizer, DDP, checkpoints
         self.previous = previous
         self.per_round = ctx.cfg.batch_size * ctx.cfg.steps_per_round
@@ -134,10 +111,7 @@ class SpinModule(L.LightningModule):
             self.examples = read_sft_examples(ctx.cfg.data)
             self.sampler = EpochSampler(len(self.examples), self.per_round, ctx.seed)
         self.round = -1
-        self.pairs: list = []
-        self.ref: Optional[torch.Tensor] = None
-        self.order: list[int] = []
-        self.empty_round = False
+        self.data: Optional[RoundPairs] = None
         self.recent: deque = deque(maxlen=20)
         self.last_round: dict[str, float] = {}
 
@@ -156,31 +130,17 @@ class SpinModule(L.LightningModule):
         return [self.ctx.task.sft_example(rng) for _ in range(self.per_round)]
 
     def _start_round(self, r: int) -> None:
-        path = self.rounds_dir / f"round_{r:03d}.jsonl"
-        if _rank_zero_says(path.exists()):  # resumed mid-round: reload, never regenerate
-            rows = read_rows(path)
-            log.info("%s round %d: reloaded %s", self.ctx.slot, r, path)
-        else:
-            if self.cfg.eval_prompts and self.trainer.is_global_zero:
-                metrics = heldout_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg.eval, self.cfg.eval_prompts)
-                log_now(self, metrics)
-                self.last_round.update({"round/start_" + k.split("/", 1)[-1]: v for k, v in metrics.items()})
-                log.info("%s round %d start: %s", self.ctx.slot, r, {k: round(v, 4) for k, v in metrics.items()})
-            start = time.perf_counter()
-            rows = self._make_rows(r)
-            if self.trainer.is_global_zero:
-                checkpoint.write_jsonl(path, rows)
-            self.last_round["round/generate_s"] = time.perf_counter() - start
-        tok, max_length = self.ctx.tokenizer, self.ctx.policy.max_seq_len
+        rows, reloaded = load_or_make(round_path(self.ctx.stage_dir, r), lambda: new_round_rows(self, r, self._make_rows, self.cfg.eval_prompts), self.trainer.is_global_zero)
+        if reloaded:  # resumed mid-round: reload, never regenerate
+            log.info("%s round %d: reloaded", self.ctx.slot, r)
         used = [row for row in rows if row["status"] == "pair"]
-        self.pairs = [encode_pair(PreferencePair(row["prompt"], row["real"], row["generated"]), tok, max_length) for row in used]
-        self.ref = torch.tensor([row["ref"] for row in used]).view(-1, 2)
-        self.empty_round = not self.pairs
-        if self.empty_round:  # every answer was already the real one: steps run with a zero loss
-            self.pairs = [encode_pair(PreferencePair(rows[0]["prompt"], rows[0]["real"], rows[0]["real"]), tok, max_length)]
-            self.ref = torch.zeros(1, 2)
-        self.order = list(range(len(self.pairs)))
-        random.Random(mix_seed(self.ctx.seed, "order", r)).shuffle(self.order)
+        # every answer already the real one: one stand-in pair, steps run with a zero loss
+        self.data = RoundPairs.build(
+            [PreferencePair(row["prompt"], row["real"], row["generated"]) for row in used],
+            [row["ref"] for row in used],
+            PreferencePair(rows[0]["prompt"], rows[0]["real"], rows[0]["real"]),
+            self.ctx.tokenizer, self.ctx.policy.max_seq_len, self.ctx.seed, r,
+        )
         self.round = r
         new = [row for row in rows if row["source"] == "new"]
         stats = {
@@ -224,25 +184,18 @@ class SpinModule(L.LightningModule):
             ref = reference_logprobs(self.opponent, encoded, tok.pad_id, 4 * cfg.batch_size, self.device)
             for row, values in zip(used, ref.tolist()):
                 row["ref"] = values
-        return _all_gather(rows, world)
-
-    def _chunk(self, step: int) -> list[int]:
-        world = self.trainer.world_size
-        steps = self.cfg.steps_per_round * self.trainer.accumulate_grad_batches
-        n = len(self.pairs)
-        size = max(world, math.ceil(n / steps))  # wraps around only when rows < steps * world
-        return [self.order[(step * size + j) % n] for j in range(size)][self.trainer.global_rank :: world]
+        return gather_rows(rows, world)
 
     def training_step(self, batch, batch_idx):
-        chunk = self._chunk(int(batch[1]))
-        tokens, mask = collate_pairs([self.pairs[i] for i in chunk], self.ctx.tokenizer.pad_id)
-        loss, metrics = spin_step_loss(self.policy, tokens.to(self.device), mask.to(self.device), self.ref[chunk].to(self.device), self.cfg.lam, self.cfg.nll_weight)
-        if self.empty_round:
+        data = self.data
+        tokens, mask, reference = data.step_batch(int(batch[1]), self, self.cfg.steps_per_round)
+        loss, metrics = spin_step_loss(self.policy, tokens, mask, reference, self.cfg.lam, self.cfg.nll_weight)
+        if data.empty:
             loss = loss * 0.0
         check_finite(loss, self.ctx.slot, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
-        if not self.empty_round:
+        if not data.empty:
             self.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
         return loss
 
@@ -272,15 +225,10 @@ def run(ctx: StageContext) -> StageResult:
     previous = load_previous(ctx)
     opponent = starting_reference(ctx)  # the stage's starting weights, frozen (LoRA-aware)
     module = SpinModule(ctx, opponent, previous)
-    per_round = cfg.steps_per_round * cfg.accumulate_grad_batches
-
-    def make_batch(i: int, rank: int, world: int) -> torch.Tensor:
-        return torch.tensor([i // per_round, i % per_round])
-
-    ctx.fit(module, make_batch)
+    ctx.fit(module, round_batches(cfg.steps_per_round * cfg.accumulate_grad_batches))
     metrics = module.final_metrics()
     if ctx.is_global_zero:
-        rows = [row for path in sorted((Path(ctx.stage_dir) / "rounds").glob("round_*.jsonl")) for row in read_rows(path)]
+        rows = all_round_rows(ctx.stage_dir)
         checkpoint.write_jsonl(Path(ctx.stage_dir) / "generations.jsonl", rows)
         new = [row for row in rows if row["source"] == "new"]
         metrics["pairs_total"] = float(sum(row["status"] == "pair" for row in rows))
