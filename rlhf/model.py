@@ -68,10 +68,17 @@ class CausalLM(nn.Module):
     def decode_step(self, tokens: torch.Tensor, cache=None, seq_start_pos: Optional[torch.Tensor] = None):
         """Logits for the next token after `tokens` (left-padded; real tokens start at seq_start_pos).
 
-        With a cache from the previous call only the last token is run through the network.
+        With a cache from the previous call only the tokens after the cached ones (usually
+        the last one) are run through the network. This is a lean re-statement of the
+        x-transformers decoder's forward for this configuration (pre-norm LayerNorm, rotary
+        attention, GELU feed-forward), calling the model's own submodules (so LoRA layers
+        work): x-transformers' general cached path costs ~3x more Python per token, which
+        dominates small-batch sampling. tests/test_sampling.py holds it to the full forward.
         """
-        logits, cache = self.net(tokens, cache=cache, seq_start_pos=seq_start_pos, return_intermediates=True)
-        return logits[:, -1], cache
+        if self.training and self.net.emb_dropout.p > 0:  # dropout: the library's own path
+            logits, cache = self.net(tokens, cache=cache, seq_start_pos=seq_start_pos, return_intermediates=True)
+            return logits[:, -1], cache
+        return decode_cached(self.net, tokens, cache, seq_start_pos)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -104,3 +111,53 @@ def frozen_copy(model: nn.Module, cfg: ModelConfig, vocab_size: int) -> nn.Modul
     ref.load_state_dict(base_state_dict(model))
     ref.requires_grad_(False)
     return ref.eval()
+
+
+@dataclass
+class DecodeCache:
+    """Per attention layer: keys (rotated) and values, (B, heads, T, dim_head)."""
+
+    keys: list
+    values: list
+    length: int
+
+
+def decode_cached(net, tokens: torch.Tensor, cache: Optional[DecodeCache], seq_start_pos: Optional[torch.Tensor]):
+    """(logits of the last position, cache) for an x-transformers TransformerWrapper built by CausalLM."""
+    from x_transformers.x_transformers import apply_rotary_pos_emb
+
+    layers = net.attn_layers
+    past = cache.length if cache is not None else 0
+    new = tokens[:, past:]
+    n, total = new.shape[1], tokens.shape[1]
+    x = net.project_emb(net.emb_dropout(net.post_emb_norm(net.token_emb(new))))
+    freqs, _ = layers.rotary_pos_emb(torch.arange(past, total, device=tokens.device))
+    # keys a query may see: not left padding, and not in its future; a position always sees
+    # itself, so a padding row never attends to nothing (its output is unused either way)
+    key_pos = torch.arange(total, device=tokens.device)
+    query_pos = torch.arange(past, total, device=tokens.device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, n, total)
+    if seq_start_pos is not None:
+        allowed = allowed & (key_pos[None, None, None, :] >= seq_start_pos[:, None, None, None])
+        allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None, None]
+    keys, values = [], []
+    attn_index = 0
+    for (norms, block, residual), kind in zip(layers.layers, layers.layer_types):
+        y = norms[0](x)
+        if kind == "a":
+            heads = block.heads
+            q, k, v = (t.view(t.shape[0], n, heads, -1).transpose(1, 2) for t in (block.to_q(y), block.to_k(y), block.to_v(y)))
+            q, k = apply_rotary_pos_emb(q, freqs), apply_rotary_pos_emb(k, freqs)
+            if cache is not None:
+                k = torch.cat([cache.keys[attn_index], k], dim=2)
+                v = torch.cat([cache.values[attn_index], v], dim=2)
+            keys.append(k)
+            values.append(v)
+            attn_index += 1
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            y = block.to_out(out.transpose(1, 2).reshape(out.shape[0], n, -1))
+        else:
+            y = block(y)
+        x = residual(y, x)
+    logits = net.to_logits(layers.final_norm(x[:, -1]))
+    return logits, DecodeCache(keys, values, total)

@@ -92,3 +92,22 @@ def test_frozen_copy_does_not_follow_training():
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_lean_cached_decoding_equals_the_library_forward():
+    """CausalLM.decode_step's own cached path against x-transformers' full forward, left padded."""
+    from rlhf.model import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(dim=64, depth=2, heads=2), 30).eval()
+    tokens = torch.randint(2, 30, (3, 10))
+    start = torch.tensor([0, 2, 5])
+    tokens[1, :2] = 0
+    tokens[2, :5] = 0
+    with torch.no_grad():
+        logits, cache = model.decode_step(tokens[:, :6], None, start)  # the prompt, then one token at a time
+        for t in range(6, 11):
+            if t > 6:
+                logits, cache = model.decode_step(tokens[:, :t], cache, start)
+            full = model.net(tokens[:, :t], seq_start_pos=start)[:, -1]
+            assert torch.allclose(logits, full, atol=1e-5), t
