@@ -4,7 +4,7 @@ and tokenizer interfaces, so every stage runs on it unchanged.
     python -m rlhf run model=hf model.path=/path/to/checkpoint recipe=sft
 
 `HFCausalLM` wraps `AutoModelForCausalLM` with the same interface as `rlhf.model.CausalLM`:
-forward / forward_hidden / decode_step (the model's own KV cache; left padding handled with an
+forward / forward_hidden / hidden / decode_step (the model's own KV cache; left padding handled with an
 attention mask and position ids counted from each row's first real token), hidden_size,
 vocab_size, max_seq_len, num_parameters. `HFTokenizer` wraps the checkpoint's fast tokenizer
 into the project's tokenizer interface and saves itself as one JSON file (`{"kind": "hf", ...}`)
@@ -98,6 +98,10 @@ class HFCausalLM(nn.Module):
         out = self.model(input_ids=tokens, use_cache=False, output_hidden_states=True)
         # the last entry is the final layer after the final norm, like x-transformers' embeddings
         return out.logits, out.hidden_states[-1]
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final hidden states without the LM head (the base model applies the final norm)."""
+        return self.model.base_model(input_ids=tokens, use_cache=False).last_hidden_state
 
     def decode_step(self, tokens: torch.Tensor, cache=None, seq_start_pos: Optional[torch.Tensor] = None):
         """Logits for the next token after `tokens` (left-padded; real tokens start at seq_start_pos).

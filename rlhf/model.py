@@ -2,7 +2,8 @@
 
 `CausalLM` (x-transformers backend) exposes:
   forward(tokens) -> logits (B, T, V)
-  forward_hidden(tokens) -> (logits, hidden (B, T, D))   for value and reward heads
+  forward_hidden(tokens) -> (logits, hidden (B, T, D))   for value heads on the policy's trunk
+  hidden(tokens) -> hidden (B, T, D)                      for reward models and separate critics
   decode_step(tokens, cache, seq_start_pos) -> (last logits (B, V), cache)   for sampling
   hidden_size, vocab_size, max_seq_len
 Stages never branch on the backend; they only call these.
@@ -64,6 +65,10 @@ class CausalLM(nn.Module):
     def forward_hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, hidden = self.net(tokens, return_logits_and_embeddings=True)
         return logits, hidden
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, D) without the LM head: reward models and critics need no logits."""
+        return self.net(tokens, return_embeddings=True)
 
     def decode_step(self, tokens: torch.Tensor, cache=None, seq_start_pos: Optional[torch.Tensor] = None):
         """Logits for the next token after `tokens` (left-padded; real tokens start at seq_start_pos).

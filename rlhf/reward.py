@@ -38,7 +38,7 @@ class RewardModel(nn.Module):
 
     def logits(self, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
         """(B, num_bins) head outputs at each row's last response token."""
-        _, hidden = self.trunk.forward_hidden(tokens)
+        hidden = self.trunk.hidden(tokens)  # no LM head: with a BPE vocabulary it is a large share of the FLOPs
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         last = torch.where(response_mask.bool(), positions, -1).max(dim=1).values.clamp(min=0)
         pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]

@@ -85,6 +85,8 @@ def test_interface_matches_causal_lm(checkpoints, arch):
     logits2, hidden = model.forward_hidden(tokens)
     assert hidden.shape == (2, 7, 64)
     assert torch.allclose(logits, logits2, atol=1e-5)
+    # the head-free path reward models use gives the same (final-norm) hidden states
+    assert torch.allclose(model.hidden(tokens), hidden, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- sampling parity

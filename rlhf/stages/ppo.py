@@ -165,7 +165,7 @@ class PPOModule(L.LightningModule):
             logits, hidden = self.policy.forward_hidden(tokens)
         else:
             logits = self.policy(tokens)
-            hidden = self.critic.forward_hidden(tokens)[1]
+            hidden = self.critic.hidden(tokens)
         return logits, self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def reference_logprobs(self, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
