@@ -55,7 +55,7 @@ def unescape(text: str) -> str:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts from a JSONL file (rows {"prompt"}, exact) or a text file (one per line, escapes decoded)."""
-    from rlhf.data.jsonl import BadRow, _read_rows, _require_object
+    from rlhf.data.jsonl import BadRow, read_rows, require_object
 
     file = Path(path)
     if not file.is_file():
@@ -63,12 +63,12 @@ def read_prompts(path: str) -> list[str]:
     if file.name.lower().removesuffix(".gz").endswith(".jsonl"):
 
         def parse(row) -> str:
-            prompt = _require_object(row).get("prompt")
+            prompt = require_object(row).get("prompt")
             if not isinstance(prompt, str) or not prompt:
                 raise BadRow("expected a non-empty string 'prompt'")
             return prompt
 
-        return _read_rows(file, parse, skip_bad_rows=False, stats=None, what="prompt")
+        return read_rows(file, parse, skip_bad_rows=False, stats=None, what="prompt")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:

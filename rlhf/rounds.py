@@ -46,13 +46,13 @@ def round_path(stage_dir: str | Path, r: int) -> Path:
     return Path(stage_dir) / "rounds" / f"round_{r:03d}.jsonl"
 
 
-def read_rows(path: str | Path) -> list[dict]:
+def read_round_rows(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def all_round_rows(stage_dir: str | Path) -> list[dict]:
     """Every round's rows in round order (a resumed stage's earlier rounds included)."""
-    return [row for path in sorted((Path(stage_dir) / "rounds").glob("round_*.jsonl")) for row in read_rows(path)]
+    return [row for path in sorted((Path(stage_dir) / "rounds").glob("round_*.jsonl")) for row in read_round_rows(path)]
 
 
 def rank_zero_says(value: bool) -> bool:
@@ -76,7 +76,7 @@ def gather_rows(rows: list[dict], world: int) -> list[dict]:
 def load_or_make(path: Path, make_rows: Callable[[], list[dict]], is_global_zero: bool) -> tuple[list[dict], bool]:
     """(rows, reloaded): round r's saved rows, or new ones from make_rows(), written atomically by rank 0."""
     if rank_zero_says(path.exists()):
-        return read_rows(path), True
+        return read_round_rows(path), True
     rows = make_rows()
     if is_global_zero:
         checkpoint.write_jsonl(path, rows)

@@ -152,7 +152,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def _read_rows(
+def read_rows(
     spec,
     parse: Callable[[Any], T],
     *,
@@ -197,7 +197,7 @@ def _read_rows(
     return out
 
 
-def _require_object(row: Any) -> dict:
+def require_object(row: Any) -> dict:
     if not isinstance(row, dict):
         raise BadRow(f"row is a JSON {_json_type(row)}, expected an object")
     return row
@@ -232,7 +232,7 @@ def _get_str(row: dict, key: str, *, nonempty: bool) -> str:
 
 
 def _parse_sft(row: Any) -> SFTExample:
-    row = _require_object(row)
+    row = require_object(row)
     return SFTExample(
         prompt=_get_str(row, "prompt", nonempty=False),
         response=_get_str(row, "response", nonempty=True),
@@ -241,7 +241,7 @@ def _parse_sft(row: Any) -> SFTExample:
 
 def read_sft_examples(spec, skip_bad_rows: bool = False, stats: dict | None = None) -> list[SFTExample]:
     """Read `{"prompt", "response"}` rows."""
-    return _read_rows(spec, _parse_sft, skip_bad_rows=skip_bad_rows, stats=stats, what="SFT")
+    return read_rows(spec, _parse_sft, skip_bad_rows=skip_bad_rows, stats=stats, what="SFT")
 
 
 # -------------------------------------------------------------------------------- preferences
@@ -277,8 +277,8 @@ def split_transcript_pair(chosen: str, rejected: str) -> PreferencePair:
     return pair
 
 
-def _parse_pair(row: Any) -> PreferencePair:
-    row = _require_object(row)
+def parse_pair(row: Any) -> PreferencePair:
+    row = require_object(row)
     if "prompt" in row:
         prompt = _get_str(row, "prompt", nonempty=False)
         chosen = _get_str(row, "chosen", nonempty=True)
@@ -298,7 +298,7 @@ def read_preference_pairs(
 
     Both formats may be mixed, even within one file; a row with a "prompt" key is explicit.
     """
-    return _read_rows(spec, _parse_pair, skip_bad_rows=skip_bad_rows, stats=stats, what="preference")
+    return read_rows(spec, parse_pair, skip_bad_rows=skip_bad_rows, stats=stats, what="preference")
 
 
 # ------------------------------------------------------------------------------------ ratings
@@ -329,7 +329,7 @@ def read_ratings(spec, skip_bad_rows: bool = False, stats: dict | None = None) -
     where = {"loc": ""}
 
     def parse(row: Any) -> Rating:
-        row = _require_object(row)
+        row = require_object(row)
         prompt = _get_str(row, "prompt", nonempty=False)
         response = _get_str(row, "response", nonempty=True)
         if "rating" not in row:
@@ -349,7 +349,7 @@ def read_ratings(spec, skip_bad_rows: bool = False, stats: dict | None = None) -
             where["loc"] = f"{path}:{lineno}"
             yield lineno, row
 
-    return _read_rows(
+    return read_rows(
         spec, parse, skip_bad_rows=skip_bad_rows, stats=stats, what="rating", reader=reader
     )
 
@@ -358,7 +358,7 @@ def read_ratings(spec, skip_bad_rows: bool = False, stats: dict | None = None) -
 
 
 def _parse_text(row: Any) -> str:
-    row = _require_object(row)
+    row = require_object(row)
     return _get_str(row, "text", nonempty=True)
 
 
@@ -390,7 +390,7 @@ def read_raw_text(spec) -> list[str]:
         else:
             yield from _iter_rows(path)
 
-    return _read_rows(
+    return read_rows(
         spec, _parse_text, skip_bad_rows=False, stats=None, what="text",
         allowed=(".jsonl", ".txt"), reader=reader,
     )

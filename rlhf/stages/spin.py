@@ -42,7 +42,7 @@ from rlhf.evaluation import generate_text
 from rlhf.losses.preference import chosen_nll, preference_accuracy, spin_loss
 from rlhf.preference_batch import encode_pair, log_now, pair_logprobs, reference_logprobs, starting_reference
 from rlhf.sampling import SamplingConfig
-from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, read_rows, round_batches, round_path
+from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, read_round_rows, round_batches, round_path
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import EpochSampler, adamw_with_schedule, check_finite, mix_seed
 
@@ -215,7 +215,7 @@ def load_previous(ctx: StageContext) -> list[dict]:
     path = ctx.stage_dir_of(cfg.previous_slot) / "generations.jsonl"
     if not path.exists():
         raise ConfigError(f"stages.{ctx.slot}.previous_slot={cfg.previous_slot!r}: {path} not found (is it a spin slot?)")
-    return [row for row in read_rows(path) if row["source"] == "new"]
+    return [row for row in read_round_rows(path) if row["source"] == "new"]
 
 
 def run(ctx: StageContext) -> StageResult:

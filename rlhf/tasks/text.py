@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from rlhf.checkpoint import atomic_path
 from rlhf.data.bpe import BPETokenizer
-from rlhf.data.jsonl import HUMAN, BadRow, _parse_pair, _read_rows, _require_object
+from rlhf.data.jsonl import HUMAN, BadRow, parse_pair, read_rows, require_object
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.tasks import TaskConfig
 from rlhf.training import global_rank
@@ -39,10 +39,10 @@ WAIT_FOR_TOKENIZER_S = 600.0
 
 def _parse_any(row: Any) -> tuple[str, list[str]]:
     """(prompt or "", the row's pieces of text) for any row format the task accepts."""
-    row = _require_object(row)
+    row = require_object(row)
     if "chosen" in row or "rejected" in row:
         try:
-            pair = _parse_pair(row)
+            pair = parse_pair(row)
         except BadRow:
             # a pair a preference stage would reject (identical sides, no shared prompt) still
             # holds good text for the tokenizer; only its prompt is unusable
@@ -78,7 +78,7 @@ class TextTask:
         if cfg.data is None:
             raise ConfigError("task.name=text needs task.data=PATH (JSONL files: pairs, prompt/response or text rows)")
         self.cfg = cfg
-        rows = _read_rows(cfg.data, _parse_any, skip_bad_rows=False, stats=None, what="text task")
+        rows = read_rows(cfg.data, _parse_any, skip_bad_rows=False, stats=None, what="text task")
         self.tokenizer = self._tokenizer(Path(run_dir), (t for _, texts in rows for t in texts if t))
 
         prompts = list(dict.fromkeys(p for p, _ in rows if p.strip()))  # distinct, in file order
