@@ -14,6 +14,10 @@ tokens/s = (chosen + rejected tokens, prompt included, per step) x steps/s, i.e.
 non-pad tokens of the concatenated chosen+rejected batch (the GUIDE's TRL figures count
 chosen + rejected tokens processed per second).
 
+The stage shares each pair's prompt (share_prompt, its default): a row is prompt |
+chosen | rejected, so 3/4 of those tokens are run through the model; tokens/s still counts
+the pairs' chosen + rejected tokens (the work TRL does for the same pairs), MFU the FLOPs run.
+
 MFU: model FLOPs per step / step time / peak. Model FLOPs per token: 6 N (policy forward
 and backward, N = parameters that do matmuls: everything but the token embedding) +
 12 n_layer d L (attention scores and values, forward and backward; PaLM's appendix B
@@ -132,8 +136,13 @@ def run_one(size: str, steps: int, warmup: int, precompute: bool, precision: str
     measured = timer.times[warmup:]
     step_s = (measured[-1] - timer.times[warmup - 1]) / len(measured)  # from the end of the last warmup step
     tokens_per_step = BATCH_PAIRS * 2 * length
+    # with share_prompt (the stage's default) each row is prompt | chosen | rejected: the prompt
+    # (half of each sequence here) runs once, so 3/4 of the pair tokens go through the model,
+    # in rows 1.5x as long; MFU counts the FLOPs actually run, tokens/s the pairs' tokens
+    row_length = length * 3 // 2 if source.share_prompt else length
+    tokens_run = BATCH_PAIRS * (row_length if source.share_prompt else 2 * length)
     n_matmul = policy.num_parameters(exclude_embedding=True)
-    attn = 12 * spec["depth"] * spec["dim"] * length
+    attn = 12 * spec["depth"] * spec["dim"] * row_length
     flops_per_token = 6 * n_matmul + attn + (0 if precompute else 2 * n_matmul + attn // 3)
     result = {
         "size": size,
@@ -152,7 +161,9 @@ def run_one(size: str, steps: int, warmup: int, precompute: bool, precision: str
         "steps_per_s": 1 / step_s,
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_step / step_s,
-        "model_gflop_per_step": flops_per_token * tokens_per_step / 1e9,
+        "share_prompt": source.share_prompt,
+        "tokens_run_per_step": tokens_run,
+        "model_gflop_per_step": flops_per_token * tokens_run / 1e9,
         "reference_precompute_s": module.precompute_seconds,
         "reference_precompute_s_per_step": module.precompute_seconds / total,
         "stage_wall_s": wall,

@@ -66,6 +66,12 @@ class CausalLM(nn.Module):
         logits, hidden = self.net(tokens, return_logits_and_embeddings=True)
         return logits, hidden
 
+    def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Logits for rows holding several sequences: rotary `positions` (B, T) and `allowed`
+        (B, 1, T, T), which keys each query may see on top of the causal mask (preference
+        pairs share their prompt this way: rlhf.preference_batch.pack_pairs)."""
+        return self.net(tokens, pos=positions, attn_mask=allowed)
+
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final hidden states (B, T, D) without the LM head: reward models and critics need no logits."""
         return self.net(tokens, return_embeddings=True)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from rlhf.data.examples import PreferencePair
 from rlhf.errors import ConfigError
-from rlhf.logprobs import sequence_logprobs
+from rlhf.logprobs import sequence_logprobs, shared_prompt_logprobs
 from rlhf.losses.preference import DPO_LOSS_TYPES, chosen_nll, dpo_loss, preference_accuracy, rrhf_ranking_loss, simpo_loss
 from rlhf.sampling import join_prompt_response
 
@@ -110,6 +110,45 @@ def pair_logprobs(model, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return sums, lengths
 
 
+def pack_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(B, T) rows packed as prompt | chosen | rejected | padding, so the prompt runs once per
+    pair instead of twice (a quarter fewer tokens when the prompt is half of each sequence).
+
+    Returns tokens, positions (the rejected response's positions restart where the prompt
+    ends, as if it followed the prompt alone), chosen and rejected masks, and each row's
+    prompt's last index. `shared_prompt_forward` runs them; `collate_pairs` is the plain layout.
+    """
+    width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    tokens = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(pairs), width), dtype=torch.long)
+    chosen = torch.zeros((len(pairs), width), dtype=torch.bool)
+    rejected = torch.zeros((len(pairs), width), dtype=torch.bool)
+    for i, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt), len(p.chosen), len(p.rejected)
+        tokens[i, : n_p + n_c + n_r] = torch.tensor(p.prompt + p.chosen + p.rejected, dtype=torch.long)
+        positions[i, : n_p + n_c] = torch.arange(n_p + n_c)
+        positions[i, n_p + n_c : n_p + n_c + n_r] = torch.arange(n_p, n_p + n_r)
+        positions[i, n_p + n_c + n_r :] = torch.arange(n_p + n_r, n_p + n_r + width - (n_p + n_c + n_r))
+        chosen[i, n_p : n_p + n_c] = True
+        rejected[i, n_p + n_c : n_p + n_c + n_r] = True
+    prompt_last = torch.tensor([len(p.prompt) - 1 for p in pairs], dtype=torch.long)
+    return tokens, positions, chosen, rejected, prompt_last
+
+
+def can_share_prompt(model) -> bool:
+    return hasattr(model, "forward_packed")
+
+
+def shared_prompt_forward(model, tokens: Tensor, positions: Tensor, chosen: Tensor, rejected: Tensor, prompt_last: Tensor) -> tuple[Tensor, Tensor]:
+    """pair_logprobs for a pack_pairs batch: (summed log-probs (2B,) chosen first, lengths (2B,))."""
+    # a rejected token may see the prompt and earlier rejected tokens, never the chosen ones
+    allowed = ~(rejected[:, None, :, None] & chosen[:, None, None, :])
+    logits = model.forward_packed(tokens, positions, allowed)
+    sums = torch.cat(shared_prompt_logprobs(logits, tokens, chosen, rejected, prompt_last))
+    lengths = torch.cat([chosen.sum(-1), rejected.sum(-1)]).clamp(min=1).to(sums.dtype)
+    return sums, lengths
+
+
 @torch.no_grad()
 def reference_logprobs(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int, device=None) -> Tensor:
     """(N, 2) summed log-probs (chosen, rejected) of every pair under a frozen model, in input order.
@@ -121,8 +160,11 @@ def reference_logprobs(model, pairs: Sequence[EncodedPair], pad_id: int, batch_s
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + max(len(pairs[i].chosen), len(pairs[i].rejected)))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        tokens, mask = collate_pairs([pairs[i] for i in idx], pad_id)
-        sums, _ = pair_logprobs(model, tokens.to(device), mask.to(device))
+        batch = [pairs[i] for i in idx]
+        if can_share_prompt(model):  # the same log-probs, each prompt run once
+            sums, _ = shared_prompt_forward(model, *(t.to(device) for t in pack_pairs(batch, pad_id)))
+        else:
+            sums, _ = pair_logprobs(model, *(t.to(device) for t in collate_pairs(batch, pad_id)))
         out[idx] = sums.float().view(2, -1).T.cpu()
     model.train(was_training)
     return out

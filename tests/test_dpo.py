@@ -223,3 +223,26 @@ def test_cli_dpo_under_two_process_ddp(tmp_path):
         "stages.dpo.eval_every=2", "stages.dpo.loss=ipo", "stages.dpo.beta=0.5", timeout=300)
     metrics = json.loads((tmp_path / "stages" / "01_dpo" / "metrics.json").read_text())
     assert math.isfinite(metrics["train/loss"]) and "eval/task_score" in metrics
+
+
+def test_shared_prompt_packing_gives_the_two_row_log_probs_and_gradients():
+    """prompt | chosen | rejected in one row (the rejected tokens see the prompt, not the chosen
+    ones; their positions restart after the prompt) equals the plain two-row layout."""
+    from rlhf.model import CausalLM, ModelConfig
+    from rlhf.preference_batch import EncodedPair, collate_pairs, pack_pairs, pair_logprobs, shared_prompt_forward
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(dim=32, depth=2, heads=2), 30)
+    pairs = [
+        EncodedPair([3, 4, 5, 6], [7, 8, 9, 1], [10, 11, 1]),
+        EncodedPair([5, 6], [7, 1], [12, 13, 14, 15, 1]),  # rejected longer than chosen
+        EncodedPair([3, 4, 5, 6, 7, 8, 9], [1], [2, 1]),
+    ]
+    plain, plain_lengths = pair_logprobs(model, *collate_pairs(pairs, 0))
+    plain.sum().backward()
+    plain_grad = model.net.to_logits.weight.grad.clone()
+    model.zero_grad()
+    packed, packed_lengths = shared_prompt_forward(model, *pack_pairs(pairs, 0))
+    packed.sum().backward()
+    assert torch.allclose(packed, plain, atol=1e-5) and torch.equal(packed_lengths, plain_lengths)
+    assert torch.allclose(model.net.to_logits.weight.grad, plain_grad, atol=1e-5)

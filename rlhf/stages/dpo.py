@@ -31,15 +31,18 @@ from rlhf.config import StageConfig
 from rlhf.preference_batch import (
     EncodedPair,
     PreferenceLossConfig,
+    can_share_prompt,
     check_loss_config,
     collate_pairs,
     encode_pair,
     heldout_eval,
     log_now,
     needs_reference,
+    pack_pairs,
     pair_logprobs,
     preference_loss,
     reference_logprobs,
+    shared_prompt_forward,
     starting_reference,
 )
 from rlhf.stage_context import StageContext, StageResult
@@ -63,6 +66,9 @@ class Config(PreferenceLossConfig, StageConfig):
     skip_bad_rows: bool = False
     max_length: Optional[int] = None  # tokens per sequence; None: the model's max_seq_len
     precompute_reference: bool = True
+    # run each pair's prompt once, chosen and rejected packed behind it in one row (x-transformers
+    # policies; others fall back to two rows per pair): the same log-probs, fewer tokens
+    share_prompt: bool = True
     eval_every: int = 50  # optimizer steps between held-out evaluations; 0: off
     eval_prompts: int = 64  # how many held-out prompts those evaluations use
 
@@ -74,6 +80,7 @@ class PairSource:
         cfg = ctx.cfg
         self.task, self.tok, self.batch_size, self.seed = ctx.task, ctx.tokenizer, cfg.batch_size, ctx.seed
         self.max_length = cfg.max_length or ctx.policy.max_seq_len
+        self.share_prompt = cfg.share_prompt and can_share_prompt(ctx.policy)
         self.pairs = None
         if cfg.data is not None:
             from rlhf.data.jsonl import read_preference_pairs
@@ -94,9 +101,11 @@ class PairSource:
         return [(i * self.batch_size + j, encode_pair(p, self.tok, self.max_length)) for j, p in enumerate(pairs)]
 
     def make_batch(self, i: int, rank: int, world: int):
+        """(keys, *pair tensors): pack_pairs' five tensors when sharing the prompt, else collate_pairs' two."""
         items = self.items(i)[rank::world]
-        tokens, mask = collate_pairs([pair for _, pair in items], self.tok.pad_id)
-        return tokens, mask, torch.tensor([key for key, _ in items], dtype=torch.long)
+        pairs = [pair for _, pair in items]
+        tensors = pack_pairs(pairs, self.tok.pad_id) if self.share_prompt else collate_pairs(pairs, self.tok.pad_id)
+        return (torch.tensor([key for key, _ in items], dtype=torch.long), *tensors)
 
 
 class DPOModule(L.LightningModule):
@@ -134,15 +143,16 @@ class DPOModule(L.LightningModule):
         log.info("%s: reference log-probs of %d pairs precomputed in %.1fs", self.slot, len(keys), self.precompute_seconds)
 
     def training_step(self, batch, batch_idx):
-        tokens, mask, keys = batch
-        sums, lengths = pair_logprobs(self.policy, tokens, mask)
+        keys, *tensors = batch
+        forward = shared_prompt_forward if self.source.share_prompt else pair_logprobs
+        sums, lengths = forward(self.policy, *tensors)
         reference = None
         if needs_reference(self.cfg):
             if self.ref_cache is not None:
                 reference = torch.stack([self.ref_cache[k] for k in keys.tolist()]).to(sums.device)
             else:
                 with torch.no_grad():
-                    reference = pair_logprobs(self.reference, tokens, mask)[0].view(2, -1).T
+                    reference = forward(self.reference, *tensors)[0].view(2, -1).T
         loss, metrics = preference_loss(self.cfg, sums, lengths, reference)
         check_finite(loss, self.slot, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
