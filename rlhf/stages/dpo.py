@@ -12,6 +12,10 @@ Reference: a frozen copy of the stage's starting weights. With `precompute_refer
 its log-probs for every pair this rank will train on are computed once before the first
 step (length-sorted, no gradients) and the copy is freed: training then runs the policy
 only. Otherwise the reference runs on each batch.
+
+Batches: with `share_prompt` (default) a pair is one row, prompt | chosen | rejected, so the
+prompt runs once (rlhf.preference_batch.pack_pairs; same log-probs as two rows). Models
+without `forward_packed` (the Hugging Face backend) get the plain two rows per pair.
 """
 
 from __future__ import annotations
