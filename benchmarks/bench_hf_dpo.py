@@ -12,6 +12,7 @@ Variants, each timed per optimizer step (forward, backward, optimizer; data load
 setup excluded) with the first steps dropped as warm-up. TRL 1.16's DPOConfig defaults to
 bf16 mixed precision (also on CPU) and gradient checkpointing; our trainer defaults to fp32
 and the DPO stage to a reference precomputed once before the first step. So:
+  (Our stage shares each pair's prompt on the HF backend too: rlhf.preference_batch.pack_pairs.)
   - `rlhf_fp32` / `trl_fp32`: fp32, the reference model run on every batch, no gradient
     checkpointing on either side: like for like.
   - `rlhf_bf16` / `trl_bf16`: the same in bf16 mixed precision (`trainer.precision=bf16-mixed`).

@@ -68,6 +68,9 @@ def _model_path(cfg) -> Any:
 # --------------------------------------------------------------------------- the model
 
 
+PACKED_PAIR_ARCHS = {"gpt2", "llama"}
+
+
 class HFCausalLM(nn.Module):
     """A `transformers` causal LM with the interface of `rlhf.model.CausalLM`.
 
@@ -84,6 +87,9 @@ class HFCausalLM(nn.Module):
         self.max_seq_len: int = int(getattr(text_cfg, "max_position_embeddings", None) or 2048)
         # a few architectures (Bloom's ALiBi, say) take positions from the mask alone
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        # preference pairs share their prompt (rlhf.preference_batch.pack_pairs) only where a custom
+        # 4D mask and position ids are known to be honoured (tests/test_hf_backend.py)
+        self.packs_pairs: bool = self._takes_position_ids and model.config.model_type in PACKED_PAIR_ARCHS
 
     @property
     def config(self):
@@ -98,6 +104,12 @@ class HFCausalLM(nn.Module):
         out = self.model(input_ids=tokens, use_cache=False, output_hidden_states=True)
         # the last entry is the final layer after the final norm, like x-transformers' embeddings
         return out.logits, out.hidden_states[-1]
+
+    def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Logits for rows holding several sequences: `positions` (B, T) and `allowed` (B, 1, T, T),
+        which keys each query may see on top of the causal mask (see rlhf.model.CausalLM)."""
+        causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril()
+        return self.model(input_ids=tokens, position_ids=positions, attention_mask=allowed & causal, use_cache=False).logits
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final hidden states without the LM head (the base model applies the final norm)."""

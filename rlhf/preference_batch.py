@@ -136,7 +136,8 @@ def pack_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> tuple[Tensor, Tenso
 
 
 def can_share_prompt(model) -> bool:
-    return hasattr(model, "forward_packed")
+    """Whether the model runs pack_pairs rows (x-transformers always; HF: the tested architectures)."""
+    return hasattr(model, "forward_packed") and getattr(model, "packs_pairs", True)
 
 
 def shared_prompt_forward(model, tokens: Tensor, positions: Tensor, chosen: Tensor, rejected: Tensor, prompt_last: Tensor) -> tuple[Tensor, Tensor]:

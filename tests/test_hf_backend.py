@@ -256,3 +256,17 @@ def test_hf_chain_sft_dpo_ppo_with_lora_via_cli(cli, checkpoints, tmp_path):
     assert isinstance(model, HFCausalLM) and isinstance(tok, HFTokenizer)
     # the policy the run handed on is a plain model (LoRA merged) that loads without peft layers
     assert not any(".lora_" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_pairs_equal_two_rows(checkpoints, arch):
+    """DPO's packed rows (prompt | chosen | rejected, a 4D mask and position ids) give the
+    two-row log-probs on HF models too."""
+    from rlhf.preference_batch import EncodedPair, can_share_prompt, collate_pairs, pack_pairs, pair_logprobs, shared_prompt_forward
+
+    model, _ = _load(checkpoints[arch])
+    assert can_share_prompt(model)
+    pairs = [EncodedPair([3, 4, 5, 6], [7, 8, 9, 1], [10, 11, 1]), EncodedPair([5, 6], [7, 1], [12, 13, 14, 15, 1])]
+    plain, _ = pair_logprobs(model, *collate_pairs(pairs, 0))
+    packed, _ = shared_prompt_forward(model, *pack_pairs(pairs, 0))
+    assert torch.allclose(packed, plain, atol=1e-4)
