@@ -15,7 +15,8 @@ only. Otherwise the reference runs on each batch.
 
 Batches: with `share_prompt` (default) a pair is one row, prompt | chosen | rejected, so the
 prompt runs once (rlhf.preference_batch.pack_pairs; same log-probs as two rows). Models
-without `forward_packed` (the Hugging Face backend) get the plain two rows per pair.
+that cannot run such rows (HF architectures other than the tested GPT-2 and Llama) get the
+plain two rows per pair.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class Config(PreferenceLossConfig, StageConfig):
     skip_bad_rows: bool = False
     max_length: Optional[int] = None  # tokens per sequence; None: the model's max_seq_len
     precompute_reference: bool = True
-    # run each pair's prompt once, chosen and rejected packed behind it in one row (x-transformers
-    # policies; others fall back to two rows per pair): the same log-probs, fewer tokens
+    # run each pair's prompt once, chosen and rejected packed behind it in one row (models that
+    # cannot fall back to two rows per pair): the same log-probs, fewer tokens
     share_prompt: bool = True
     eval_every: int = 50  # optimizer steps between held-out evaluations; 0: off
     eval_prompts: int = 64  # how many held-out prompts those evaluations use
