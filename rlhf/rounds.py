@@ -27,8 +27,8 @@ import torch
 
 from rlhf import checkpoint
 from rlhf.data.examples import PreferencePair
-from rlhf.preference_batch import collate_pairs, encode_pair, heldout_eval, log_now
-from rlhf.training import mix_seed
+from rlhf.preference_batch import collate_pairs, encode_pair, heldout_eval, log_now, reference_logprobs
+from rlhf.training import check_finite, mix_seed
 
 log = logging.getLogger("rlhf")
 
@@ -159,3 +159,36 @@ def new_round_rows(module, r: int, make_rows: Callable[[int], list[dict]], eval_
     rows = make_rows(r)
     module.last_round["round/generate_s"] = time.perf_counter() - start
     return rows
+
+
+def attach_reference(rows: list[dict], model, tokenizer, max_length: int, batch_size: int, device, chosen: str = "chosen", rejected: str = "rejected") -> None:
+    """Each "pair" row's reference log-probs of (row[chosen], row[rejected]) as row["ref"]:
+    computed once per round and saved with it, never per step."""
+    pair_rows = [row for row in rows if row["status"] == "pair"]
+    if not pair_rows:
+        return
+    encoded = [encode_pair(PreferencePair(row["prompt"], row[chosen], row[rejected]), tokenizer, max_length) for row in pair_rows]
+    for row, values in zip(pair_rows, reference_logprobs(model, encoded, tokenizer.pad_id, batch_size, device).tolist()):
+        row["ref"] = values
+
+
+def round_training_step(module, batch, loss_fn: Callable) -> torch.Tensor:
+    """One step of a round for module (with .data: RoundPairs, .recent: a deque of metrics):
+    loss_fn(tokens, mask, reference) -> (loss, metrics); an empty round's loss is zeroed."""
+    data = module.data
+    tokens, mask, reference = data.step_batch(int(batch[1]), module, module.cfg.steps_per_round)
+    loss, metrics = loss_fn(tokens, mask, reference)
+    if data.empty:
+        loss = loss * 0.0
+    check_finite(loss, module.ctx.slot, module.global_step)
+    module.log("train/loss", loss, prog_bar=True)
+    module.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
+    if not data.empty:
+        module.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
+    return loss
+
+
+def recent_means(recent) -> dict[str, float]:
+    """The mean of each train metric over the last steps (one batch is noisy)."""
+    keys = recent[0] if recent else {}
+    return {k: sum(r[k] for r in recent) / len(recent) for k in keys}

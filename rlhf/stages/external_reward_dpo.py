@@ -39,25 +39,33 @@ import lightning as L
 import torch
 
 from rlhf.config import StageConfig
-from rlhf.data.examples import PreferencePair
 from rlhf.errors import ConfigError
 from rlhf.evaluation import generate_text
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
-    encode_pair,
     log_now,
     needs_reference,
     pair_logprobs,
     preference_loss,
-    reference_logprobs,
     starting_reference,
 )
 from rlhf.reward import reward_function
 from rlhf.sampling import SamplingConfig
-from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, round_batches, round_path
+from rlhf.rounds import (
+    RoundPairs,
+    all_round_rows,
+    attach_reference,
+    gather_rows,
+    load_or_make,
+    new_round_rows,
+    recent_means,
+    round_batches,
+    round_path,
+    round_training_step,
+)
 from rlhf.stage_context import StageContext, StageResult
-from rlhf.training import adamw_with_schedule, check_finite, mix_seed
+from rlhf.training import adamw_with_schedule, mix_seed
 
 KIND = "external_reward_dpo"
 DEFAULT_REWARD_FN = "rlhf.tasks.builtin.verifier_reward"
@@ -188,36 +196,20 @@ class OnlineDPOModule(L.LightningModule):
             {"index": i, **best_vs_worst(prompts[i], responses[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n], cfg.min_reward_gap, cfg.min_chosen_reward)}
             for j, i in enumerate(mine)
         ]
-        pair_rows = [row for row in rows if row["status"] == "pair"]
-        if pair_rows and needs_reference(cfg):
+        if needs_reference(cfg):
             model = self.policy if cfg.refresh_reference else self.reference
-            encoded = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, self.ctx.policy.max_seq_len) for row in pair_rows]
-            ref = reference_logprobs(model, encoded, tok.pad_id, cfg.batch_size, self.device)
-            for row, values in zip(pair_rows, ref.tolist()):
-                row["ref"] = values
+            attach_reference(rows, model, tok, self.ctx.policy.max_seq_len, cfg.batch_size, self.device)
         return gather_rows(rows, world)
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        data = self.data
-        tokens, mask, reference = data.step_batch(int(batch[1]), self, self.cfg.steps_per_round)
-        sums, lengths = pair_logprobs(self.policy, tokens, mask)
-        loss, metrics = preference_loss(self.cfg, sums, lengths, reference)
-        if data.empty:
-            loss = loss * 0.0
-        check_finite(loss, self.ctx.slot, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
-        if not data.empty:
-            self.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
-        return loss
+        return round_training_step(self, batch, lambda tokens, mask, ref: preference_loss(self.cfg, *pair_logprobs(self.policy, tokens, mask), ref))
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def final_metrics(self) -> dict[str, float]:
-        keys = self.recent[0] if self.recent else {}
-        out = {k: sum(r[k] for r in self.recent) / len(self.recent) for k in keys}
+        out = recent_means(self.recent)
         # totals over every round's file, so rounds run before a resume count too
         totals = {f"rounds/{name}": 0.0 for name in STATUSES.values()}
         for row in all_round_rows(self.ctx.stage_dir):

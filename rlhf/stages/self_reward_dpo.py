@@ -49,7 +49,6 @@ import torch
 
 from rlhf import checkpoint
 from rlhf.config import StageConfig
-from rlhf.data.examples import PreferencePair
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_text
 from rlhf.judge import JudgeConfig, evaluate_judge, judge
@@ -57,18 +56,27 @@ from rlhf.logprobs import sequence_logprobs
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
-    encode_pair,
     log_now,
     needs_reference,
     pair_logprobs,
     preference_loss,
-    reference_logprobs,
     starting_reference,
 )
 from rlhf.sampling import SamplingConfig, generate, join_prompt_response
-from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, round_batches, round_path
+from rlhf.rounds import (
+    RoundPairs,
+    all_round_rows,
+    attach_reference,
+    gather_rows,
+    load_or_make,
+    new_round_rows,
+    recent_means,
+    round_batches,
+    round_path,
+    round_training_step,
+)
 from rlhf.stage_context import StageContext, StageResult
-from rlhf.training import adamw_with_schedule, check_finite, mix_seed
+from rlhf.training import adamw_with_schedule, mix_seed
 
 KIND = "self_reward_dpo"
 log = logging.getLogger("rlhf")
@@ -212,35 +220,18 @@ class SelfRewardModule(L.LightningModule):
                 truth = {c["response"]: c["verifier"] for c in candidates}
                 row["chosen_verifier"], row["rejected_verifier"] = truth[row["chosen"]], truth[row["rejected"]]
             rows.append(row)
-        pair_rows = [row for row in rows if row["status"] == "pair"]
-        if pair_rows and self.reference is not None:
-            encoded = [encode_pair(PreferencePair(row["prompt"], row["chosen"], row["rejected"]), tok, self.ctx.policy.max_seq_len) for row in pair_rows]
-            ref = reference_logprobs(self.reference, encoded, tok.pad_id, 4 * cfg.batch_size, self.device)
-            for row, values in zip(pair_rows, ref.tolist()):
-                row["ref"] = values
+        if self.reference is not None:
+            attach_reference(rows, self.reference, tok, self.ctx.policy.max_seq_len, 4 * cfg.batch_size, self.device)
         return gather_rows(rows, world)
 
     def training_step(self, batch, batch_idx):
-        data = self.data
-        tokens, mask, reference = data.step_batch(int(batch[1]), self, self.cfg.steps_per_round)
-        sums, lengths = pair_logprobs(self.policy, tokens, mask)
-        loss, metrics = preference_loss(self.cfg, sums, lengths, reference)
-        if data.empty:
-            loss = loss * 0.0
-        check_finite(loss, self.ctx.slot, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
-        if not data.empty:
-            self.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
-        return loss
+        return round_training_step(self, batch, lambda tokens, mask, ref: preference_loss(self.cfg, *pair_logprobs(self.policy, tokens, mask), ref))
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def final_metrics(self) -> dict[str, float]:
-        keys = self.recent[0] if self.recent else {}
-        out = {k: sum(r[k] for r in self.recent) / len(self.recent) for k in keys}
-        return {**out, **self.last_round}
+        return {**recent_means(self.recent), **self.last_round}
 
 
 @torch.no_grad()

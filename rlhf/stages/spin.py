@@ -40,11 +40,23 @@ from rlhf.data.examples import PreferencePair, SFTExample
 from rlhf.errors import ConfigError
 from rlhf.evaluation import generate_text
 from rlhf.losses.preference import chosen_nll, preference_accuracy, spin_loss
-from rlhf.preference_batch import encode_pair, log_now, pair_logprobs, reference_logprobs, starting_reference
+from rlhf.preference_batch import log_now, pair_logprobs, starting_reference
 from rlhf.sampling import SamplingConfig
-from rlhf.rounds import RoundPairs, all_round_rows, gather_rows, load_or_make, new_round_rows, read_round_rows, round_batches, round_path
+from rlhf.rounds import (
+    RoundPairs,
+    all_round_rows,
+    attach_reference,
+    gather_rows,
+    load_or_make,
+    new_round_rows,
+    read_round_rows,
+    recent_means,
+    round_batches,
+    round_path,
+    round_training_step,
+)
 from rlhf.stage_context import StageContext, StageResult
-from rlhf.training import EpochSampler, adamw_with_schedule, check_finite, mix_seed
+from rlhf.training import EpochSampler, adamw_with_schedule, mix_seed
 
 KIND = "spin"
 log = logging.getLogger("rlhf")
@@ -178,33 +190,17 @@ class SpinModule(L.LightningModule):
                 rows.append({"index": len(examples) + i, "round": r, "source": "previous", "prompt": old["prompt"], "real": old["real"], "generated": old["generated"]})
         for row in rows:
             row["status"] = "identical" if row["generated"] == row["real"] else "pair"
-        used = [row for row in rows if row["status"] == "pair"]
-        if used:
-            encoded = [encode_pair(PreferencePair(row["prompt"], row["real"], row["generated"]), tok, self.ctx.policy.max_seq_len) for row in used]
-            ref = reference_logprobs(self.opponent, encoded, tok.pad_id, 4 * cfg.batch_size, self.device)
-            for row, values in zip(used, ref.tolist()):
-                row["ref"] = values
+        attach_reference(rows, self.opponent, tok, self.ctx.policy.max_seq_len, 4 * cfg.batch_size, self.device, chosen="real", rejected="generated")
         return gather_rows(rows, world)
 
     def training_step(self, batch, batch_idx):
-        data = self.data
-        tokens, mask, reference = data.step_batch(int(batch[1]), self, self.cfg.steps_per_round)
-        loss, metrics = spin_step_loss(self.policy, tokens, mask, reference, self.cfg.lam, self.cfg.nll_weight)
-        if data.empty:
-            loss = loss * 0.0
-        check_finite(loss, self.ctx.slot, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
-        if not data.empty:
-            self.recent.append({f"train/{k}": float(v) for k, v in metrics.items()})
-        return loss
+        return round_training_step(self, batch, lambda tokens, mask, ref: spin_step_loss(self.policy, tokens, mask, ref, self.cfg.lam, self.cfg.nll_weight))
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def final_metrics(self) -> dict[str, float]:
-        keys = self.recent[0] if self.recent else {}
-        return {**{k: sum(r[k] for r in self.recent) / len(self.recent) for k in keys}, **self.last_round}
+        return {**recent_means(self.recent), **self.last_round}
 
 
 def load_previous(ctx: StageContext) -> list[dict]:
