@@ -124,25 +124,63 @@ def frozen_copy(model: nn.Module, cfg: ModelConfig, vocab_size: int) -> nn.Modul
     return ref.eval()
 
 
+CACHE_HEADROOM = 64  # positions a new cache reserves past the prompt; it doubles when they run out
+
+
 @dataclass
 class DecodeCache:
-    """Per attention layer: keys (rotated) and values, (B, heads, T, dim_head)."""
+    """Per attention layer: keys (rotated) and values in preallocated (B, heads, capacity,
+    dim_head) buffers, the first `length` positions filled; and, when the layer's q/k/v are
+    plain linears (no LoRA), their weights stacked for one matmul instead of three (the
+    weights do not change while sampling)."""
 
     keys: list
     values: list
     length: int
+    qkv_weights: list
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` positions (growing is rare: the buffers start with headroom)."""
+        capacity = self.keys[0].shape[2]
+        if total <= capacity:
+            return
+        grown = max(total, 2 * capacity)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_empty(*old.shape[:2], grown, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                buffers[i] = new
+
+
+def _stacked_qkv(block) -> Optional[torch.Tensor]:
+    linears = (block.to_q, block.to_k, block.to_v)
+    if all(type(m) is nn.Linear and m.bias is None for m in linears):
+        return torch.cat([m.weight for m in linears])
+    return None  # LoRA-wrapped (or biased) projections: called one by one
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x-transformers' apply_rotary_pos_emb (partial, interleaved pairs) with cos/sin computed
+    once per step and its einops rotate_half as views: the same arithmetic, less Python."""
+    rot_dim = cos.shape[-1]
+    rotated, rest = t[..., :rot_dim], t[..., rot_dim:]
+    even, odd = rotated.unflatten(-1, (-1, 2)).unbind(-1)
+    half_turned = torch.stack((-odd, even), dim=-1).flatten(-2)
+    return torch.cat((rotated * cos + half_turned * sin, rest), dim=-1)
 
 
 def decode_cached(net, tokens: torch.Tensor, cache: Optional[DecodeCache], seq_start_pos: Optional[torch.Tensor]):
-    """(logits of the last position, cache) for an x-transformers TransformerWrapper built by CausalLM."""
-    from x_transformers.x_transformers import apply_rotary_pos_emb
+    """(logits of the last position, cache) for an x-transformers TransformerWrapper built by CausalLM.
 
+    The cache is updated in place and returned: only the latest cache of a sequence is valid."""
     layers = net.attn_layers
     past = cache.length if cache is not None else 0
     new = tokens[:, past:]
-    n, total = new.shape[1], tokens.shape[1]
+    batch, n, total = new.shape[0], new.shape[1], tokens.shape[1]
     x = net.project_emb(net.emb_dropout(net.post_emb_norm(net.token_emb(new))))
     freqs, _ = layers.rotary_pos_emb(torch.arange(past, total, device=tokens.device))
+    cos, sin = freqs.cos(), freqs.sin()  # (n, rot_dim): positions x frequencies
+    cos_qk, sin_qk = cos[0, :, None, None], sin[0, :, None, None]  # (n, 1, 1, rot_dim) for (B, n, 2, heads, dim_head)
     # keys a query may see: not left padding, and not in its future; a position always sees
     # itself, so a padding row never attends to nothing (its output is unused either way)
     key_pos = torch.arange(total, device=tokens.device)
@@ -151,24 +189,36 @@ def decode_cached(net, tokens: torch.Tensor, cache: Optional[DecodeCache], seq_s
     if seq_start_pos is not None:
         allowed = allowed & (key_pos[None, None, None, :] >= seq_start_pos[:, None, None, None])
         allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None, None]
-    keys, values = [], []
+    attention = [block for (_, block, _), kind in zip(layers.layers, layers.layer_types) if kind == "a"]
+    if cache is None:
+        shape = (batch, attention[0].heads, total + CACHE_HEADROOM, attention[0].to_k.out_features // attention[0].heads)
+        cache = DecodeCache(
+            keys=[x.new_empty(shape) for _ in attention], values=[x.new_empty(shape) for _ in attention],
+            length=0, qkv_weights=[_stacked_qkv(block) for block in attention],
+        )
+    cache.reserve(total)
     attn_index = 0
     for (norms, block, residual), kind in zip(layers.layers, layers.layer_types):
         y = norms[0](x)
         if kind == "a":
-            heads = block.heads
-            q, k, v = (t.view(t.shape[0], n, heads, -1).transpose(1, 2) for t in (block.to_q(y), block.to_k(y), block.to_v(y)))
-            q, k = apply_rotary_pos_emb(q, freqs), apply_rotary_pos_emb(k, freqs)
-            if cache is not None:
-                k = torch.cat([cache.keys[attn_index], k], dim=2)
-                v = torch.cat([cache.values[attn_index], v], dim=2)
-            keys.append(k)
-            values.append(v)
+            heads, fused = block.heads, cache.qkv_weights[attn_index]
+            if fused is not None:  # (B, n, 3, heads, dim_head): q and k rotate in one go
+                qkv = torch.nn.functional.linear(y, fused).view(batch, n, 3, heads, -1)
+                qk, v = _rotate(qkv[:, :, :2], cos_qk, sin_qk), qkv[:, :, 2]
+                q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
+                v = v.transpose(1, 2)
+            else:
+                q, k, v = (t.view(batch, n, heads, -1).transpose(1, 2) for t in (block.to_q(y), block.to_k(y), block.to_v(y)))
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            keys, values = cache.keys[attn_index], cache.values[attn_index]
+            keys[:, :, past:total] = k
+            values[:, :, past:total] = v
+            out = torch.nn.functional.scaled_dot_product_attention(q, keys[:, :, :total], values[:, :, :total], attn_mask=allowed)
+            y = block.to_out(out.transpose(1, 2).reshape(batch, n, -1))
             attn_index += 1
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-            y = block.to_out(out.transpose(1, 2).reshape(out.shape[0], n, -1))
         else:
             y = block(y)
         x = residual(y, x)
+    cache.length = total
     logits = net.to_logits(layers.final_norm(x[:, -1]))
-    return logits, DecodeCache(keys, values, total)
+    return logits, cache

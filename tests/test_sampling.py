@@ -95,19 +95,34 @@ def test_frozen_copy_does_not_follow_training():
 
 
 def test_lean_cached_decoding_equals_the_library_forward():
-    """CausalLM.decode_step's own cached path against x-transformers' full forward, left padded."""
-    from rlhf.model import CausalLM, ModelConfig
+    """CausalLM.decode_step's own cached path against x-transformers' full forward, left padded,
+    past the cache's first capacity (it grows), with stacked q/k/v weights and, under LoRA, without."""
+    from rlhf.lora import LoRAConfig, apply_lora
+    from rlhf.model import CACHE_HEADROOM, CausalLM, ModelConfig
 
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(dim=64, depth=2, heads=2), 30).eval()
-    tokens = torch.randint(2, 30, (3, 10))
+    model = CausalLM(ModelConfig(dim=64, depth=2, heads=2, max_seq_len=128), 30).eval()
+    steps = CACHE_HEADROOM + 4
+    tokens = torch.randint(2, 30, (3, 6 + steps))
     start = torch.tensor([0, 2, 5])
     tokens[1, :2] = 0
     tokens[2, :5] = 0
-    with torch.no_grad():
-        logits, cache = model.decode_step(tokens[:, :6], None, start)  # the prompt, then one token at a time
-        for t in range(6, 11):
-            if t > 6:
-                logits, cache = model.decode_step(tokens[:, :t], cache, start)
-            full = model.net(tokens[:, :t], seq_start_pos=start)[:, -1]
-            assert torch.allclose(logits, full, atol=1e-5), t
+    lora = apply_lora(CausalLM(ModelConfig(dim=64, depth=2, heads=2, max_seq_len=128), 30), LoRAConfig(enabled=True, rank=4))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # adapters that change the output
+    lora.eval()
+    for m in (model, lora):
+        with torch.no_grad():
+            logits, cache = m.decode_step(tokens[:, :6], None, start)  # the prompt, then one token at a time
+            assert (cache.qkv_weights[0] is None) == (m is lora)
+            for t in range(6, tokens.shape[1] + 1):
+                if t > 6:
+                    logits, cache = m.decode_step(tokens[:, :t], cache, start)
+                if t in (6, 7, 8, 6 + CACHE_HEADROOM, tokens.shape[1]):
+                    full = m(tokens[:, :t])[:, -1] if m is lora else m.net(tokens[:, :t], seq_start_pos=start)[:, -1]
+                    if m is lora:  # the full forward has no padding mask: compare the unpadded row
+                        assert torch.allclose(logits[0], full[0], atol=1e-5), t
+                    else:
+                        assert torch.allclose(logits, full, atol=1e-5), t
+        assert cache.keys[0].shape[2] >= tokens.shape[1] > 6 + CACHE_HEADROOM
