@@ -156,6 +156,19 @@ class HFCausalLM(nn.Module):
         return sorted(names)
 
 
+def _use_fused_gelu(model: nn.Module) -> None:
+    """Swap the tanh-approximate GELU that GPT-2-style checkpoints write out in Python
+    (`gelu_new`: seven elementwise kernels forward, more backward) for torch's fused one: the
+    same function to float rounding, 17% of a GPT-2 DPO step on CPU before the swap. Only the
+    modules change; the config, and so an exported checkpoint, still names its own activation."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(module, name, GELUTanh())
+
+
 def _set_dropout(model: nn.Module, p: float) -> None:
     """Apply `model.dropout` to a pretrained model (0 by default).
 
@@ -193,6 +206,7 @@ def load_hf_model(cfg, pretrained_weights: bool = True) -> HFCausalLM:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"model.path={folder}: cannot load a causal LM from it ({first})") from None
     _set_dropout(model, float(getattr(cfg, "dropout", 0.0) or 0.0))
+    _use_fused_gelu(model)
     # from_pretrained returns eval mode; a policy starts in train mode like rlhf.model.CausalLM
     return HFCausalLM(model).train()
 

@@ -89,6 +89,23 @@ def test_interface_matches_causal_lm(checkpoints, arch):
     assert torch.allclose(model.hidden(tokens), hidden, atol=1e-5)
 
 
+def test_gpt2_runs_the_fused_gelu_and_matches_transformers(checkpoints):
+    """load_hf_model swaps GPT-2's Python gelu_new for torch's fused tanh GELU: the same
+    outputs as the checkpoint loaded by transformers itself, whose config is untouched."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    model = build_model(_cfg(checkpoints["gpt2"]), vocab_size=0).eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(checkpoints["gpt2"]), local_files_only=True).eval()
+    assert any(isinstance(m, NewGELUActivation) for m in reference.modules())
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert any(isinstance(m, GELUTanh) for m in model.modules())
+    assert model.model.config.activation_function == reference.config.activation_function
+    tokens = torch.randint(0, model.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), reference(tokens).logits, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- sampling parity
 
 
