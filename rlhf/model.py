@@ -179,8 +179,7 @@ def decode_cached(net, tokens: torch.Tensor, cache: Optional[DecodeCache], seq_s
     batch, n, total = new.shape[0], new.shape[1], tokens.shape[1]
     x = net.project_emb(net.emb_dropout(net.post_emb_norm(net.token_emb(new))))
     freqs, _ = layers.rotary_pos_emb(torch.arange(past, total, device=tokens.device))
-    cos, sin = freqs.cos(), freqs.sin()  # (n, rot_dim): positions x frequencies
-    cos_qk, sin_qk = cos[0, :, None, None], sin[0, :, None, None]  # (n, 1, 1, rot_dim) for (B, n, 2, heads, dim_head)
+    cos, sin = freqs.cos(), freqs.sin()  # (1, n, rot_dim), once for every layer
     # keys a query may see: not left padding, and not in its future; a position always sees
     # itself, so a padding row never attends to nothing (its output is unused either way)
     key_pos = torch.arange(total, device=tokens.device)
@@ -201,15 +200,10 @@ def decode_cached(net, tokens: torch.Tensor, cache: Optional[DecodeCache], seq_s
     for (norms, block, residual), kind in zip(layers.layers, layers.layer_types):
         y = norms[0](x)
         if kind == "a":
-            heads, fused = block.heads, cache.qkv_weights[attn_index]
-            if fused is not None:  # (B, n, 3, heads, dim_head): q and k rotate in one go
-                qkv = torch.nn.functional.linear(y, fused).view(batch, n, 3, heads, -1)
-                qk, v = _rotate(qkv[:, :, :2], cos_qk, sin_qk), qkv[:, :, 2]
-                q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
-                v = v.transpose(1, 2)
-            else:
-                q, k, v = (t.view(batch, n, heads, -1).transpose(1, 2) for t in (block.to_q(y), block.to_k(y), block.to_v(y)))
-                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            fused = cache.qkv_weights[attn_index]
+            projected = torch.nn.functional.linear(y, fused).chunk(3, dim=-1) if fused is not None else (block.to_q(y), block.to_k(y), block.to_v(y))
+            q, k, v = (t.view(batch, n, block.heads, -1).transpose(1, 2) for t in projected)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             keys, values = cache.keys[attn_index], cache.values[attn_index]
             keys[:, :, past:total] = k
             values[:, :, past:total] = v
