@@ -3,6 +3,7 @@
   run [overrides...]        compose a recipe with Hydra and run it (`-m` sweeps)
   run resume=DIR [key=value ...]   continue a run in DIR from its saved config
   report DIR [DIR ...]      a table of each stage's metrics, and a plot
+  evaluate STAGE_DIR ...    held-out task score of finished stages (--prompts N)
   generate ...              best-of-N sampling from a trained run
   export ...                write a trained policy in a portable format
   feedback serve|export     the human-feedback web page
@@ -21,6 +22,7 @@ from rlhf.errors import RLHFError
 # command -> module with main(argv) -> int; each belongs to the feature that provides it
 SUBCOMMANDS = {
     "report": "rlhf.report",
+    "evaluate": "rlhf.evaluation",
     "generate": "rlhf.best_of_n",
     "export": "rlhf.export",
     "feedback": "rlhf.feedback.cli",

@@ -22,6 +22,26 @@ def test_sft_run_writes_a_complete_stage(cli, tmp_path):
     assert load_file(str(stage / "policy.safetensors"))
 
 
+def test_evaluate_command_repeats_the_stage_evaluation_and_scores_more_prompts(cli, tmp_path):
+    run = tmp_path / "run"
+    cli("run", "recipe=sft", *TINY, "stages.sft.max_steps=6", "eval.num_prompts=40", "task.num_eval_prompts=40", f"hydra.run.dir={run}")
+    stage = run / "stages" / "00_sft"
+    saved = json.loads((stage / "metrics.json").read_text())
+    same, more = (json.loads(cli("evaluate", str(stage), *extra).stdout) for extra in ([], ["--prompts", "90"]))
+    assert same["prompts"] == 40 and same["eval/task_score"] == pytest.approx(saved["eval/task_score"])
+    assert more["prompts"] == 90
+    from rlhf.tasks import TaskConfig
+    from rlhf.tasks.builtin import BuiltinTask
+
+    prompts = BuiltinTask(TaskConfig(num_eval_prompts=90)).eval_prompts()
+    counts = {f: sum(p.startswith(f) for p in prompts) for f in ("sort", "add")}
+    assert {k for k in more if k.startswith("eval/task_score/")} == {"eval/task_score/sort", "eval/task_score/add"}
+    weighted = sum(counts[f] * more[f"eval/task_score/{f}"] for f in counts) / 90
+    assert weighted == pytest.approx(more["eval/task_score"])
+    proc = cli("evaluate", str(run / "stages"), check=False)
+    assert proc.returncode == 2 and "stages" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_wandb_offline_run_per_stage(cli, tmp_path):
     run = tmp_path / "run"
     cli("run", "recipe=pretrain_sft", *[a for a in TINY if not a.startswith("logger")], "logger=wandb",

@@ -107,6 +107,10 @@ class BuiltinTask:
     def score(self, prompt: str, response: str) -> float:
         return score(prompt, response)
 
+    def family(self, prompt: str) -> str:
+        """The family a prompt belongs to ("sort" or "add"): evaluation reports a score per family."""
+        return prompt.split(":", 1)[0]
+
     # -- data for each kind of stage ---------------------------------------------------------
     def sft_example(self, rng: random.Random) -> SFTExample:
         prompt = self.train_prompt(rng)
