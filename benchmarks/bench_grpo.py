@@ -12,6 +12,9 @@ processes falls on all of them alike.
 Variants:
   - `rlhf_xtransformers`: rlhf.stages.grpo on the project's own policy, an x-transformers
     decoder of 4 layers, 256 wide (3.2 M parameters, character vocabulary).
+  - `rlhf_xtransformers_compiled`: the same with `model.compile=true` (torch.compile of the
+    network and the cached decode step). Its compiling falls in the dropped warm-up steps;
+    `first_step_s` (each round's first step) shows what it costs.
   - `rlhf_hf_gpt2`: the same stage on a local GPT-2 checkpoint (4 layers, 256 wide, 512-token
     BPE: 3.3 M parameters) through the Hugging Face backend: the same model as TRL's run.
   - `trl`: trl.GRPOTrainer defaults on that GPT-2 checkpoint (transformers generate with its
@@ -150,6 +153,7 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         "completions_per_s": COMPLETIONS_PER_STEP / median,
         "mean_completion_tokens": statistics.mean(run["mean_completion_tokens"] for run in runs),
         "steps_timed": len(timed),
+        "first_step_s": [run["steps"][0] for run in runs],
     }
 
 
@@ -168,7 +172,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     xt = ModelConfig(dim=256, depth=4, heads=4, max_seq_len=256)
-    runs: dict[str, list[dict]] = {"rlhf_xtransformers": [], "rlhf_hf_gpt2": [], "trl": []}
+    compiled = dataclasses.replace(xt, compile=True)
+    runs: dict[str, list[dict]] = {"rlhf_xtransformers": [], "rlhf_xtransformers_compiled": [], "rlhf_hf_gpt2": [], "trl": []}
     start_load = machine()["load_average_1m"]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -182,6 +187,7 @@ def main() -> None:
             checkpoint = make_tiny_checkpoint(workdir / "gpt2", n_layer=4, n_embd=256, n_head=4, vocab_size=512, max_positions=256)
         for r in range(args.rounds):
             runs["rlhf_xtransformers"].append(run_rlhf(xt, args.steps, workdir))
+            runs["rlhf_xtransformers_compiled"].append(run_rlhf(compiled, args.steps, workdir))
             if checkpoint is not None:
                 runs["rlhf_hf_gpt2"].append(run_rlhf(ModelConfig(backend="hf", path=str(checkpoint)), args.steps, workdir))
                 runs["trl"].append(run_trl(checkpoint, args.steps, workdir))

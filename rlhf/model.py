@@ -29,6 +29,10 @@ class ModelConfig:
     max_seq_len: int = 256
     dropout: float = 0.0
     tie_embedding: bool = False
+    # torch.compile the network and its cached decode step (x-transformers backend). On this
+    # project's 2-core CPU it made sampling ~1.7x and a training pass ~1.3x faster for a 3 M
+    # model, after about 100 s of one-off compiling per process: for long runs only
+    compile: bool = False
     # Hugging Face backend: a local checkpoint folder (no hub downloads).
     path: Optional[str] = None
 
@@ -58,6 +62,11 @@ class CausalLM(nn.Module):
                 ff_dropout=cfg.dropout,
             ),
         )
+        self.decode_fn = decode_cached
+        if cfg.compile:
+            check_can_compile()
+            self.net.compile(dynamic=True)  # in place: the state dict keeps its keys
+            self.decode_fn = compiled_decode()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)
@@ -89,7 +98,7 @@ class CausalLM(nn.Module):
         if self.training and self.net.emb_dropout.p > 0:  # dropout: the library's own path
             logits, cache = self.net(tokens, cache=cache, seq_start_pos=seq_start_pos, return_intermediates=True)
             return logits[:, -1], cache
-        return decode_cached(self.net, tokens, cache, seq_start_pos)
+        return self.decode_fn(self.net, tokens, cache, seq_start_pos)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -98,9 +107,35 @@ class CausalLM(nn.Module):
         return n
 
 
+def check_can_compile() -> None:
+    """torch.compile's CPU code generator needs a C++ compiler: say so before anything trains."""
+    import shutil
+
+    from rlhf.errors import ConfigError
+
+    if not torch.cuda.is_available() and not (shutil.which("g++") or shutil.which("c++")):
+        raise ConfigError("model.compile=true needs a C++ compiler (g++) on the PATH for torch.compile on CPU")
+
+
+_COMPILED_DECODE = None
+
+
+def compiled_decode():
+    """decode_cached under torch.compile, built once per process: every model shares its graphs
+    (shapes are dynamic, so batch sizes and cache lengths do not recompile)."""
+    global _COMPILED_DECODE
+    if _COMPILED_DECODE is None:
+        _COMPILED_DECODE = torch.compile(decode_cached, dynamic=True)
+    return _COMPILED_DECODE
+
+
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.backend == "xtransformers":
         return CausalLM(cfg, vocab_size)
+    if cfg.compile:
+        from rlhf.errors import ConfigError
+
+        raise ConfigError("model.compile=true is for the x-transformers backend (model.backend=xtransformers)")
     if cfg.backend == "hf":
         from rlhf.hf_backend import load_hf_model  # optional extra
 

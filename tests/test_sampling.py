@@ -1,6 +1,9 @@
 """Parity tests that guard sampling and scoring: cached vs uncached, batched vs one-by-one,
 padded vs unpadded, and sampled log-probs vs a scoring pass."""
 
+import shutil
+
+import pytest
 import torch
 
 from rlhf.logprobs import response_logprobs, sequence_logprobs
@@ -126,3 +129,25 @@ def test_lean_cached_decoding_equals_the_library_forward():
                     else:
                         assert torch.allclose(logits, full, atol=1e-5), t
         assert cache.keys[0].shape[2] >= tokens.shape[1] > 6 + CACHE_HEADROOM
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_model_matches_the_eager_one():
+    # model.compile=true: the network and the cached decode step under torch.compile
+    eager = _model()
+    torch.manual_seed(0)
+    compiled = CausalLM(ModelConfig(dim=32, depth=2, heads=2, max_seq_len=64, compile=True), vocab_size=20).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints load either way
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0)
+    a, b = (generate(m, PROMPTS, cfg, eos_id=1, pad_id=0) for m in (eager, compiled))
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    tokens, mask = join_prompt_response(PROMPTS, a.response_ids(), pad_id=0)
+    grads = []
+    for m in (eager.train(), compiled.train()):
+        m.zero_grad()
+        sequence_logprobs(m(tokens), tokens, mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
