@@ -80,7 +80,10 @@ def mark_complete(stage_dir: str | Path) -> None:
 
 
 def save_model_files(stage_dir: Path, model_cfg, tokenizer) -> None:
-    write_text(stage_dir / "model.yaml", OmegaConf.to_yaml(model_cfg))
+    described = OmegaConf.create(OmegaConf.to_container(model_cfg))
+    if "compile" in described:  # how a run chose to run, not part of the weights: loaders run eagerly
+        described.compile = False
+    write_text(stage_dir / "model.yaml", OmegaConf.to_yaml(described))
     with atomic_path(stage_dir / "tokenizer.json") as tmp:
         tokenizer.save(tmp)
 

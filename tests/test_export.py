@@ -155,3 +155,13 @@ def test_cli_export_of_a_missing_stage_is_one_line_error(cli, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and "nope" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compiled_run_saves_weights_that_load_uncompiled(tmp_path):
+    # model.compile is how a run ran, not part of the weights: loading must not compile (a minute)
+    cfg = ModelConfig(dim=32, depth=2, heads=2, max_seq_len=64, compile=True)
+    tok = BuiltinTask(TaskConfig()).tokenizer
+    stage = _write_stage(tmp_path / "stage", CausalLM(ModelConfig(dim=32, depth=2, heads=2, max_seq_len=64), tok.vocab_size), cfg, tok)
+    assert OmegaConf.load(stage / "model.yaml").compile is False
+    model, _ = checkpoint.load_policy(stage)
+    assert model.decode_fn.__name__ == "decode_cached" and model.net._compiled_call_impl is None
