@@ -105,8 +105,10 @@ def evaluate_stage(stage_dir: str | Path, num_prompts: Optional[int] = None, max
         # its held-out prompts are one seeded sequence, so asking for more keeps the first ones
         task_cfg = replace(task_cfg, num_eval_prompts=max(task_cfg.num_eval_prompts, eval_cfg.num_prompts))
     task = build_task(task_cfg, run_dir)
-    if len(task.eval_prompts()) < eval_cfg.num_prompts:
-        raise ConfigError(f"--prompts {eval_cfg.num_prompts}: the task has only {len(task.eval_prompts())} held-out prompts")
+    available = len(task.eval_prompts())
+    if num_prompts and num_prompts > available:
+        raise ConfigError(f"--prompts {num_prompts}: the run's task has only {available} held-out prompts")
+    eval_cfg = replace(eval_cfg, num_prompts=min(eval_cfg.num_prompts, available))  # as the stages' own evaluation
     metrics, _ = evaluate_policy(policy, task, tokenizer, eval_cfg)
     return {"stage": str(stage_dir), "prompts": eval_cfg.num_prompts, **metrics}
 
