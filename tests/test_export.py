@@ -15,7 +15,7 @@ from rlhf import checkpoint  # noqa: E402
 from rlhf.errors import ConfigError, RLHFError  # noqa: E402
 from rlhf.export import export_stage, load_exported  # noqa: E402
 from rlhf.hf_backend import HFCausalLM, load_hf_model, load_hf_tokenizer, make_tiny_checkpoint  # noqa: E402
-from rlhf.model import CausalLM, ModelConfig  # noqa: E402
+from rlhf.model import CausalLM, ModelConfig, decode_cached  # noqa: E402
 from rlhf.reward import RewardModel, save_reward_model  # noqa: E402
 from rlhf.sampling import SamplingConfig, generate, join_prompt_response  # noqa: E402
 from rlhf.tasks import TaskConfig  # noqa: E402
@@ -164,4 +164,4 @@ def test_a_compiled_run_saves_weights_that_load_uncompiled(tmp_path):
     stage = _write_stage(tmp_path / "stage", CausalLM(ModelConfig(dim=32, depth=2, heads=2, max_seq_len=64), tok.vocab_size), cfg, tok)
     assert OmegaConf.load(stage / "model.yaml").compile is False
     model, _ = checkpoint.load_policy(stage)
-    assert model.decode_fn.__name__ == "decode_cached" and model.net._compiled_call_impl is None
+    assert model.decode_fn is decode_cached and model.net._compiled_call_impl is None
