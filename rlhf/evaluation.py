@@ -15,15 +15,22 @@ Arguments
   --max-new-tokens M      longest greedy answer (default: the run's eval.max_new_tokens)
   --batch-size B          prompts generated at once (default: the run's eval.batch_size)
   --threads T             torch threads (default: torch's own choice)
+  --baseline STAGE_DIR    also compare each stage with this one prompt by prompt: the mean
+                          per-prompt score difference and its standard error (the same prompts
+                          make the difference far less noisy than the two scores are)
 
 Output: one JSON line per stage dir, {"stage": DIR, "prompts": N, "eval/task_score": ...,
-"eval/exact_match": ..., "eval/task_score/<family>": ..., "eval/response_length": ...}.
+"eval/exact_match": ..., "eval/task_score/<family>": ..., "eval/response_length": ...}, with
+--baseline first the baseline's line, then each line also {"vs_baseline": {"difference": ...,
+"standard_error": ...}}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -77,8 +84,11 @@ def evaluate_policy(policy, task, tokenizer, eval_cfg, progress: bool = False) -
     return metrics, samples
 
 
-def evaluate_stage(stage_dir: str | Path, num_prompts: Optional[int] = None, max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None) -> dict:
-    """The held-out evaluation of a finished stage's policy, on the task of the run it belongs to."""
+def evaluate_stage(
+    stage_dir: str | Path, num_prompts: Optional[int] = None, max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None
+) -> tuple[dict, list[Optional[float]]]:
+    """The held-out evaluation of a finished stage's policy, on the task of the run it belongs
+    to: (its metrics, each prompt's score in prompt order)."""
     from omegaconf import OmegaConf
 
     from rlhf.checkpoint import load_policy
@@ -109,8 +119,19 @@ def evaluate_stage(stage_dir: str | Path, num_prompts: Optional[int] = None, max
     if num_prompts and num_prompts > available:
         raise ConfigError(f"--prompts {num_prompts}: the run's task has only {available} held-out prompts")
     eval_cfg = replace(eval_cfg, num_prompts=min(eval_cfg.num_prompts, available))  # as the stages' own evaluation
-    metrics, _ = evaluate_policy(policy, task, tokenizer, eval_cfg)
-    return {"stage": str(stage_dir), "prompts": eval_cfg.num_prompts, **metrics}
+    # every prompt "logged": the samples carry the per-prompt scores a paired comparison needs
+    metrics, samples = evaluate_policy(policy, task, tokenizer, replace(eval_cfg, num_logged_samples=eval_cfg.num_prompts))
+    return {"stage": str(stage_dir), "prompts": eval_cfg.num_prompts, **metrics}, [row["score"] for row in samples]
+
+
+def paired_difference(scores: list[float], baseline: list[float]) -> dict[str, float]:
+    """Mean of the per-prompt differences scores - baseline, and its standard error."""
+    from rlhf.errors import ConfigError
+
+    if len(scores) != len(baseline) or len(scores) < 2 or any(s is None for s in [*scores, *baseline]):
+        raise ConfigError("--baseline needs a verifier score for every prompt of both, on at least 2 of the same prompts")
+    diffs = [a - b for a, b in zip(scores, baseline)]
+    return {"difference": statistics.mean(diffs), "standard_error": statistics.stdev(diffs) / math.sqrt(len(diffs))}
 
 
 def main(argv: list[str]) -> int:
@@ -120,12 +141,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--baseline", default=None, metavar="STAGE_DIR")
     args = parser.parse_args(argv)
     for name in ("prompts", "max_new_tokens", "batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    baseline = None
+    if args.baseline:
+        summary, baseline = evaluate_stage(args.baseline, args.prompts, args.max_new_tokens, args.batch_size)
+        print(json.dumps(summary), flush=True)
     for stage_dir in args.stage_dirs:
-        print(json.dumps(evaluate_stage(stage_dir, args.prompts, args.max_new_tokens, args.batch_size)), flush=True)
+        summary, scores = evaluate_stage(stage_dir, args.prompts, args.max_new_tokens, args.batch_size)
+        if baseline is not None:
+            summary["vs_baseline"] = paired_difference(scores, baseline)
+        print(json.dumps(summary), flush=True)
     return 0

@@ -30,8 +30,8 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embedding: bool = False
     # torch.compile the network and its cached decode step (x-transformers backend). On this
-    # project's 2-core CPU it made sampling ~1.7x and a training pass ~1.3x faster for a 3 M
-    # model, after about 100 s of one-off compiling per process: for long runs only
+    # project's 2-core CPU a 3 M model's GRPO step ran 1.3x faster (benchmarks/bench_grpo.py)
+    # after about a minute of one-off compiling per process: for long runs only
     compile: bool = False
     # Hugging Face backend: a local checkpoint folder (no hub downloads).
     path: Optional[str] = None

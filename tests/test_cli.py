@@ -38,8 +38,24 @@ def test_evaluate_command_repeats_the_stage_evaluation_and_scores_more_prompts(c
     assert {k for k in more if k.startswith("eval/task_score/")} == {"eval/task_score/sort", "eval/task_score/add"}
     weighted = sum(counts[f] * more[f"eval/task_score/{f}"] for f in counts) / 90
     assert weighted == pytest.approx(more["eval/task_score"])
+    # a paired comparison with itself: the baseline's line first, then a zero difference
+    base_line, self_line = (json.loads(line) for line in cli("evaluate", str(stage), "--baseline", str(stage)).stdout.splitlines())
+    assert base_line["eval/task_score"] == self_line["eval/task_score"] == same["eval/task_score"]
+    assert self_line["vs_baseline"] == {"difference": 0.0, "standard_error": 0.0}
     proc = cli("evaluate", str(run / "stages"), check=False)
     assert proc.returncode == 2 and "stages" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_paired_difference_against_hand_computed_numbers():
+    from rlhf.errors import ConfigError
+    from rlhf.evaluation import paired_difference
+
+    # differences 0.5, 0, -0.5, 1: mean 0.25, squared deviations 1/16 + 1/16 + 9/16 + 9/16 = 1.25,
+    # sample sd sqrt(1.25 / 3), standard error sd / sqrt(4)
+    out = paired_difference([1.0, 0.5, 0.0, 1.0], [0.5, 0.5, 0.5, 0.0])
+    assert out["difference"] == pytest.approx(0.25) and out["standard_error"] == pytest.approx((1.25 / 3) ** 0.5 / 2)
+    with pytest.raises(ConfigError, match="baseline"):
+        paired_difference([1.0, None], [0.0, 0.0])
 
 
 def test_wandb_offline_run_per_stage(cli, tmp_path):

@@ -135,7 +135,7 @@ def test_reward_model_recipe_on_text(data, tmp_path):
     assert len(model_reward_fn(model, tok)([long_prompt], [" Sure, " * 30])) == 1
     from rlhf.evaluation import evaluate_stage
 
-    evaluated = evaluate_stage(stage)  # the run's own held-out prompts, as many as it has
+    evaluated, _ = evaluate_stage(stage)  # the run's own held-out prompts, as many as it has
     assert evaluated["prompts"] == 4 and "eval/response_length" in evaluated and "eval/task_score" not in evaluated  # no verifier
     with pytest.raises(ConfigError, match="--prompts 5"):  # past them would be training prompts
         evaluate_stage(stage, num_prompts=5)
