@@ -19,11 +19,21 @@ and the DPO stage to a reference precomputed once before the first step. So:
   - `rlhf_default` (fp32, precomputed reference) / `trl_default` (bf16, gradient
     checkpointing, reference every step): what each gives out of the box.
   - `rlhf_bf16_precompute`: our fastest setting (bf16, precomputed reference).
+  - `*_eager`: the same with transformers' eager attention kernel (`model.attn_implementation=eager`
+    for us, `attn_implementation="eager"` in from_pretrained for TRL); the rest use its default, sdpa.
 End-to-end figures run from the start of training to the last step, so they include a
 reference precompute.
 Many short rounds alternate the variants so load from other processes falls on all of them
 alike. Per variant: tokens/s of the best step (closest to an idle machine), of the median
 step, per CPU-second of this process (median), and end to end; every step's time is kept.
+
+After the timed rounds, each like-for-like pair (fp32, bf16) runs `--profile-rounds` more
+times under the torch profiler, alternating; the least disturbed run of each counts: `kernels` holds the self time per step of its matrix products (aten::mm /
+addmm / bmm) and fused attention kernels and their share of its mean step. TRL's step over ours
+is then (TRL's kernel time / ours) x (our share / TRL's): `kernel_share` gives those, and the share
+our step would need for 2x (the rest is layer norms, GELU, bias adds, softmax, casts, the
+optimizer and the loop). The profiler slows small ops more than large ones, so shares under it
+are a little lower than without it, on both sides.
 
 Our stage runs through its real code path: `rlhf.stages.dpo.run(ctx)` with a context whose
 `fit` adds a timing callback. RPO's NLL term is off (nll_weight=0) to match TRL's plain loss.
@@ -138,12 +148,12 @@ def summarize(runs: list[dict], warmup: int) -> dict:
 # --------------------------------------------------------------------------- the two trainers
 
 
-def run_rlhf(checkpoint: Path, data: Path, steps: int, workdir: Path, precision: str, precompute: bool) -> dict:
+def run_rlhf(checkpoint: Path, data: Path, steps: int, workdir: Path, precision: str, precompute: bool, attention: str | None = None) -> dict:
     from rlhf.stages import dpo
     from rlhf.tasks import TaskConfig
     from rlhf.tasks.builtin import BuiltinTask
 
-    model_cfg = ModelConfig(backend="hf", path=str(checkpoint))
+    model_cfg = ModelConfig(backend="hf", path=str(checkpoint), attn_implementation=attention)
     trainer_cfg = TrainerConfig(accelerator="cpu", devices=1, precision=precision, progress_bar=False, checkpoint_every=0, log_every=10**6)
     run_cfg = OmegaConf.create(
         {"model": dataclasses.asdict(model_cfg), "trainer": dataclasses.asdict(trainer_cfg), "eval": dataclasses.asdict(EvalConfig())}
@@ -163,7 +173,7 @@ def run_rlhf(checkpoint: Path, data: Path, steps: int, workdir: Path, precision:
     return {"steps": timer.steps, "cpu": timer.cpu, "end_to_end_s": timer.end - timer.start}
 
 
-def run_trl(checkpoint: Path, rows: list[dict], steps: int, workdir: Path, bf16: bool, gradient_checkpointing: bool) -> dict:
+def run_trl(checkpoint: Path, rows: list[dict], steps: int, workdir: Path, bf16: bool, gradient_checkpointing: bool, attention: str | None = None) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -186,8 +196,9 @@ def run_trl(checkpoint: Path, rows: list[dict], steps: int, workdir: Path, bf16:
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
     tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), local_files_only=True)
-    ref = AutoModelForCausalLM.from_pretrained(str(checkpoint), local_files_only=True)
+    kwargs = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), local_files_only=True, **kwargs)
+    ref = AutoModelForCausalLM.from_pretrained(str(checkpoint), local_files_only=True, **kwargs)
     args = DPOConfig(
         output_dir=str(Path(tempfile.mkdtemp(dir=workdir))), per_device_train_batch_size=BATCH, max_steps=steps,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10**6, save_strategy="no",
@@ -204,6 +215,31 @@ def run_trl(checkpoint: Path, rows: list[dict], steps: int, workdir: Path, bf16:
     return {"steps": timer.steps, "cpu": timer.cpu, "end_to_end_s": timer.end - timer.start}
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def kernel_times(run, *args, **kwargs) -> dict:
+    """Per step, the profiler's self time (ms) of a run's matrix products and fused attention kernels."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step_s = run(*args, **kwargs)["steps"]
+    events = prof.key_averages()
+    per_step = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / 1e3 / len(step_s)  # noqa: E731
+    gemm, attention = per_step(lambda k: k in GEMM_OPS), per_step(lambda k: "scaled_dot_product" in k)
+    step_ms = 1e3 * sum(step_s) / len(step_s)  # the profiler's overhead included, as in the kernels' times
+    return {
+        "gemm_ms": round(gemm, 1),
+        "fused_attention_ms": round(attention, 1),
+        "kernels_ms": round(gemm + attention, 1),
+        "step_ms": round(step_ms, 1),
+        "kernel_share": round((gemm + attention) / step_ms, 3),
+    }
+
+
+# variants whose kernels are profiled (one extra run each, after the timed rounds), and the like-for-like pairs they explain
+PROFILED = {"fp32": ("rlhf_fp32", "trl_fp32"), "bf16": ("rlhf_bf16", "trl_bf16")}
+
 # name -> (trainer, settings)
 VARIANTS = {
     "rlhf_fp32": ("rlhf", {"precision": "32-true", "precompute": False}),
@@ -213,6 +249,9 @@ VARIANTS = {
     "rlhf_default": ("rlhf", {"precision": "32-true", "precompute": True}),
     "trl_default": ("trl", {"bf16": True, "gradient_checkpointing": True}),
     "rlhf_bf16_precompute": ("rlhf", {"precision": "bf16-mixed", "precompute": True}),
+    "rlhf_bf16_eager": ("rlhf", {"precision": "bf16-mixed", "precompute": False, "attention": "eager"}),
+    "trl_bf16_eager": ("trl", {"bf16": True, "gradient_checkpointing": False, "attention": "eager"}),
+    "rlhf_bf16_eager_precompute": ("rlhf", {"precision": "bf16-mixed", "precompute": True, "attention": "eager"}),
 }
 # what the JSON's speedup_vs_trl reports: (ours, theirs, measure)
 COMPARISONS = {
@@ -221,6 +260,9 @@ COMPARISONS = {
     "defaults of both": ("rlhf_default", "trl_default"),
     "rlhf bf16 + precomputed reference vs TRL default": ("rlhf_bf16_precompute", "trl_default"),
     "rlhf bf16 + precomputed reference vs TRL bf16 without checkpointing": ("rlhf_bf16_precompute", "trl_bf16"),
+    "bf16 like for like, both with eager attention": ("rlhf_bf16_eager", "trl_bf16_eager"),
+    "rlhf bf16 + eager attention vs TRL bf16 (sdpa)": ("rlhf_bf16_eager", "trl_bf16"),
+    "rlhf bf16 + eager attention + precomputed reference vs TRL default": ("rlhf_bf16_eager_precompute", "trl_default"),
 }
 MEASURES = ("tokens_per_s_best", "tokens_per_s_median", "tokens_per_cpu_s_median", "end_to_end_tokens_per_s")
 GUIDE_TRL_TOKENS_PER_S = 2500  # docs' TRL 1.16 figure at this size on an idle machine
@@ -231,11 +273,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per variant per round")
     parser.add_argument("--warmup", type=int, default=1, help="steps dropped from each run's timing")
     parser.add_argument("--rounds", type=int, default=4, help="short alternating rounds: load from other processes falls on every variant")
+    parser.add_argument("--profile-rounds", type=int, default=2, help="profiled runs per like-for-like variant (kernel times)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 5 steps, 1 round, not written")
     parser.add_argument("--no-trl", action="store_true", help="skip TRL (not installed)")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.rounds, args.warmup = 5, 1, 1
+        args.steps, args.rounds, args.warmup, args.profile_rounds = 5, 1, 1, 1
     import transformers
     transformers.utils.logging.set_verbosity_error()
 
@@ -258,6 +301,14 @@ def main() -> None:
                 else:
                     runs[name].append(run_trl(checkpoint, rows, args.steps, workdir, **settings))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
+        # kernel times: per variant the least disturbed (smallest) of `profile_rounds` alternating runs
+        profiled: dict[str, list[dict]] = {}
+        for _ in range(args.profile_rounds):
+            for name in [] if args.no_trl else [n for pair in PROFILED.values() for n in pair]:
+                side, settings = variants[name]
+                run, data_arg = (run_rlhf, data) if side == "rlhf" else (run_trl, rows)
+                profiled.setdefault(name, []).append(kernel_times(run, checkpoint, data_arg, args.steps, workdir, **settings))
+        kernels = {name: min(runs_, key=lambda k: k["kernels_ms"]) for name, runs_ in profiled.items()}
 
     results = {name: summarize(rs, args.warmup) for name, rs in runs.items() if rs}
     result = {
@@ -271,6 +322,7 @@ def main() -> None:
         "warmup_steps_dropped": args.warmup,
         "rounds": args.rounds,
         "results": results,
+        "kernels": kernels,
         "machine": machine() | {"load_average_1m_at_start": start_load, "transformers": transformers.__version__},
     }
     if args.no_trl:
@@ -282,6 +334,16 @@ def main() -> None:
         result["speedup_vs_trl"] = {
             label: {m: round(results[a][m] / results[b][m], 3) for m in MEASURES} for label, (a, b) in COMPARISONS.items()
         }
+        # TRL's step / ours = kernel_ratio x our kernel share / TRL's (all from the profiled runs)
+        result["kernel_share"] = {}
+        for label, (ours, theirs) in PROFILED.items():
+            k_ratio = kernels[theirs]["kernels_ms"] / kernels[ours]["kernels_ms"]
+            result["kernel_share"][label] = {
+                "trl_kernels_over_rlhf_kernels": round(k_ratio, 3),
+                "rlhf": kernels[ours]["kernel_share"],
+                "trl": kernels[theirs]["kernel_share"],
+                "rlhf_needed_for_2x": round(2 * kernels[theirs]["kernel_share"] / k_ratio, 3),
+            }
     if args.quick:
         print(json.dumps(result, indent=2))
     else:

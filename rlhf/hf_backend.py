@@ -69,6 +69,9 @@ def _model_path(cfg) -> Any:
 
 
 PACKED_PAIR_ARCHS = {"gpt2", "llama"}
+# attention kernels whose handling of a custom 4D mask a test checks: sdpa takes it as booleans,
+# eager adds it to the scores (flash-attention kernels drop it)
+PACKED_PAIR_ATTENTION = {"sdpa", "eager"}
 
 
 class HFCausalLM(nn.Module):
@@ -89,7 +92,10 @@ class HFCausalLM(nn.Module):
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         # preference pairs share their prompt (rlhf.preference_batch.pack_pairs) only where a custom
         # 4D mask and position ids are known to be honoured (tests/test_hf_backend.py)
-        self.packs_pairs: bool = self._takes_position_ids and model.config.model_type in PACKED_PAIR_ARCHS
+        self.attention: str = str(model.config._attn_implementation)
+        self.packs_pairs: bool = (
+            self._takes_position_ids and model.config.model_type in PACKED_PAIR_ARCHS and self.attention in PACKED_PAIR_ATTENTION
+        )
 
     @property
     def config(self):
@@ -109,7 +115,11 @@ class HFCausalLM(nn.Module):
         """Logits for rows holding several sequences: `positions` (B, T) and `allowed` (B, 1, T, T),
         which keys each query may see on top of the causal mask (see rlhf.model.CausalLM)."""
         causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril()
-        return self.model(input_ids=tokens, position_ids=positions, attention_mask=allowed & causal, use_cache=False).logits
+        mask = allowed & causal
+        if self.attention == "eager":  # eager attention adds its mask to the scores
+            weights = self.model.get_input_embeddings().weight
+            mask = torch.zeros(mask.shape, dtype=weights.dtype, device=tokens.device).masked_fill(~mask, torch.finfo(weights.dtype).min)
+        return self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=False).logits
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final hidden states without the LM head (the base model applies the final norm)."""
@@ -194,16 +204,20 @@ def load_hf_model(cfg, pretrained_weights: bool = True) -> HFCausalLM:
     """
     folder = checkpoint_dir(_model_path(cfg))
     transformers = _transformers()
+    attention = getattr(cfg, "attn_implementation", None)
+    kwargs = {"dtype": torch.float32} | ({"attn_implementation": str(attention)} if attention is not None else {})
     try:
         if pretrained_weights:
             if not any((folder / name).is_file() for name in WEIGHT_FILES):
                 raise ConfigError(f"model.path={folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
         else:
             config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
+            model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if attention is not None and "attention" in str(err).lower():
+            raise ConfigError(f"model.attn_implementation={attention}: {first[:300]}") from None
         raise ConfigError(f"model.path={folder}: cannot load a causal LM from it ({first})") from None
     _set_dropout(model, float(getattr(cfg, "dropout", 0.0) or 0.0))
     _use_fused_gelu(model)

@@ -68,6 +68,14 @@ def test_model_hf_without_a_path_names_model_path():
         load_hf_tokenizer(cfg)
 
 
+def test_attn_implementation_errors_name_the_setting(checkpoints):
+    with pytest.raises(ConfigError, match=r"^model\.attn_implementation=bogus: ") as err:
+        load_hf_model(ModelConfig(backend="hf", path=str(checkpoints["gpt2"]), attn_implementation="bogus"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="model.attn_implementation is for the Hugging Face backend"):
+        build_model(ModelConfig(attn_implementation="eager"), 64)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_interface_matches_causal_lm(checkpoints, arch):
     model = build_model(_cfg(checkpoints[arch]), vocab_size=0)  # vocab comes from the checkpoint
@@ -275,15 +283,33 @@ def test_hf_chain_sft_dpo_ppo_with_lora_via_cli(cli, checkpoints, tmp_path):
     assert not any(".lora_" in k for k in model.state_dict())
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_shared_prompt_pairs_equal_two_rows(checkpoints, arch):
+def test_shared_prompt_pairs_equal_two_rows(checkpoints, arch, attention):
     """DPO's packed rows (prompt | chosen | rejected, a 4D mask and position ids) give the
-    two-row log-probs on HF models too."""
+    two-row log-probs on HF models too, with either attention kernel (sdpa reads the mask as
+    booleans, eager adds it to the scores)."""
     from rlhf.preference_batch import EncodedPair, can_share_prompt, collate_pairs, pack_pairs, pair_logprobs, shared_prompt_forward
 
-    model, _ = _load(checkpoints[arch])
+    model = load_hf_model(ModelConfig(backend="hf", path=str(checkpoints[arch]), attn_implementation=attention)).eval()
+    assert model.model.config._attn_implementation == attention
     assert can_share_prompt(model)
     pairs = [EncodedPair([3, 4, 5, 6], [7, 8, 9, 1], [10, 11, 1]), EncodedPair([5, 6], [7, 1], [12, 13, 14, 15, 1])]
     plain, _ = pair_logprobs(model, *collate_pairs(pairs, 0))
     packed, _ = shared_prompt_forward(model, *pack_pairs(pairs, 0))
     assert torch.allclose(packed, plain, atol=1e-4)
+
+
+def test_eager_attention_samples_and_scores_like_sdpa(checkpoints):
+    """model.attn_implementation=eager: the same greedy tokens and log-probs as the default kernel,
+    cached and uncached, on left-padded batches."""
+    path = str(checkpoints["gpt2"])
+    sdpa, tok = _load(path)
+    eager = load_hf_model(ModelConfig(backend="hf", path=path, attn_implementation="eager")).eval()
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    prompts = _prompts(tok)
+    for use_cache in (True, False):
+        cfg = SamplingConfig(max_new_tokens=12, temperature=0, use_cache=use_cache)
+        a, b = (generate(m, prompts, cfg, tok.eos_id, tok.pad_id) for m in (sdpa, eager))
+        assert torch.equal(a.tokens, b.tokens)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
