@@ -28,11 +28,11 @@ alike. Per variant: tokens/s of the best step (closest to an idle machine), of t
 step, per CPU-second of this process (median), and end to end; every step's time is kept.
 
 After the timed rounds, each like-for-like pair (fp32, bf16) runs `--profile-rounds` more
-times under the torch profiler, alternating; the least disturbed run of each counts: `kernels` holds the self time per step of its matrix products (aten::mm /
-addmm / bmm) and fused attention kernels and their share of its mean step. TRL's step over ours
-is then (TRL's kernel time / ours) x (our share / TRL's): `kernel_share` gives those, and the share
-our step would need for 2x (the rest is layer norms, GELU, bias adds, softmax, casts, the
-optimizer and the loop). The profiler slows small ops more than large ones, so shares under it
+times under the torch profiler, alternating; the least disturbed run of each counts. `kernels`
+holds the self time per step of its matrix products (aten::mm / addmm / bmm) and fused
+attention kernels and their share of its mean step. TRL's step over ours is then (TRL's kernel
+time / ours) x (our share / TRL's): `kernel_share` gives those, and the share our step would
+need for 2x (the rest is layer norms, GELU, bias adds, softmax, casts, the optimizer and the loop). The profiler slows small ops more than large ones, so shares under it
 are a little lower than without it, on both sides.
 
 Our stage runs through its real code path: `rlhf.stages.dpo.run(ctx)` with a context whose
@@ -237,7 +237,7 @@ def kernel_times(run, *args, **kwargs) -> dict:
     }
 
 
-# variants whose kernels are profiled (one extra run each, after the timed rounds), and the like-for-like pairs they explain
+# the like-for-like pairs whose kernels are profiled after the timed rounds
 PROFILED = {"fp32": ("rlhf_fp32", "trl_fp32"), "bf16": ("rlhf_bf16", "trl_bf16")}
 
 # name -> (trainer, settings)
