@@ -56,17 +56,18 @@ def generate_text(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, ba
 
 
 @torch.no_grad()
-def evaluate_policy(policy, task, tokenizer, eval_cfg, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
-    """Greedy responses to held-out prompts scored by the task's verifier.
-
-    Returns flat metrics (`eval/task_score` and `eval/exact_match` when the task has a
-    verifier, `eval/task_score/<family>` when its prompts come in families, and
-    `eval/response_length` in characters) and a few samples for the logs.
-    """
+def greedy_scores(policy, task, tokenizer, eval_cfg, progress: bool = False) -> tuple[list[str], list[str], list[Optional[float]]]:
+    """(held-out prompts, greedy responses, verifier scores (None without a verifier))."""
     prompts = task.eval_prompts()[: eval_cfg.num_prompts]
     sampling = SamplingConfig(max_new_tokens=eval_cfg.max_new_tokens, temperature=0.0)
     responses = generate_text(policy, tokenizer, prompts, sampling, eval_cfg.batch_size, progress=progress)
-    scores = [task.score(p, r) for p, r in zip(prompts, responses)]
+    return prompts, responses, [task.score(p, r) for p, r in zip(prompts, responses)]
+
+
+def score_metrics(task, prompts: list[str], responses: list[str], scores: list[Optional[float]]) -> dict[str, float]:
+    """`eval/task_score` and `eval/exact_match` when every response has a score,
+    `eval/task_score/<family>` when the task's prompts come in families, and
+    `eval/response_length` in characters."""
     n = max(1, len(prompts))
     metrics = {"eval/response_length": sum(len(r) for r in responses) / n}
     if all(s is not None for s in scores):
@@ -77,11 +78,18 @@ def evaluate_policy(policy, task, tokenizer, eval_cfg, progress: bool = False) -
             for p, s in zip(prompts, scores):
                 by_family.setdefault(task.family(p), []).append(s)
             metrics.update({f"eval/task_score/{f}": sum(v) / len(v) for f, v in sorted(by_family.items())})
+    return metrics
+
+
+def evaluate_policy(policy, task, tokenizer, eval_cfg, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """Greedy responses to held-out prompts scored by the task's verifier: flat metrics
+    (score_metrics) and a few samples for the logs."""
+    prompts, responses, scores = greedy_scores(policy, task, tokenizer, eval_cfg, progress)
     samples = [
         {"prompt": p, "response": r, "score": s}
         for p, r, s in list(zip(prompts, responses, scores))[: eval_cfg.num_logged_samples]
     ]
-    return metrics, samples
+    return score_metrics(task, prompts, responses, scores), samples
 
 
 def evaluate_stage(
@@ -119,9 +127,8 @@ def evaluate_stage(
     if num_prompts and num_prompts > available:
         raise ConfigError(f"--prompts {num_prompts}: the run's task has only {available} held-out prompts")
     eval_cfg = replace(eval_cfg, num_prompts=min(eval_cfg.num_prompts, available))  # as the stages' own evaluation
-    # every prompt "logged": the samples carry the per-prompt scores a paired comparison needs
-    metrics, samples = evaluate_policy(policy, task, tokenizer, replace(eval_cfg, num_logged_samples=eval_cfg.num_prompts))
-    return {"stage": str(stage_dir), "prompts": eval_cfg.num_prompts, **metrics}, [row["score"] for row in samples]
+    prompts, responses, scores = greedy_scores(policy, task, tokenizer, eval_cfg)
+    return {"stage": str(stage_dir), "prompts": eval_cfg.num_prompts, **score_metrics(task, prompts, responses, scores)}, scores
 
 
 def paired_difference(scores: list[float], baseline: list[float]) -> dict[str, float]:

@@ -232,8 +232,8 @@ def decode_cached(net, tokens: torch.Tensor, cache: Optional[DecodeCache], seq_s
     if seq_start_pos is not None:
         allowed = allowed & (key_pos[None, None, None, :] >= seq_start_pos[:, None, None, None])
         allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None, None]
-    attention = [block for (_, block, _), kind in zip(layers.layers, layers.layer_types) if kind == "a"]
     if cache is None:
+        attention = [block for (_, block, _), kind in zip(layers.layers, layers.layer_types) if kind == "a"]
         shape = (batch, attention[0].heads, total + CACHE_HEADROOM, attention[0].to_k.out_features // attention[0].heads)
         cache = DecodeCache(
             keys=[x.new_empty(shape) for _ in attention], values=[x.new_empty(shape) for _ in attention],
