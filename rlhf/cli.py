@@ -3,7 +3,7 @@
   run [overrides...]        compose a recipe with Hydra and run it (`-m` sweeps)
   run resume=DIR [key=value ...]   continue a run in DIR from its saved config
   report DIR [DIR ...]      a table of each stage's metrics, and a plot
-  evaluate STAGE_DIR ...    held-out task score of finished stages (--prompts N)
+  evaluate STAGE_DIR ...    held-out task score, pass@k and judge of finished stages (--prompts N, --samples K, --judge)
   generate ...              best-of-N sampling from a trained run
   export ...                write a trained policy in a portable format
   feedback serve|export     the human-feedback web page

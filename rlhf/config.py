@@ -76,6 +76,20 @@ class EvalConfig:
     max_new_tokens: int = 24
     batch_size: int = 100
     num_logged_samples: int = 8
+    # headroom (rlhf/evaluation.py): k sampled answers to each of the first sample_prompts
+    # prompts give eval/pass@k, eval/best_of_k and eval/sample_exact. Temperature 1 samples the
+    # policy's own distribution, the one on-policy RL explores, so pass@k says what RL could
+    # find; a lower temperature would flatter it. Costs about k x sample_prompts / num_prompts
+    # greedy passes (4x by default); samples_per_prompt=0 turns it off.
+    samples_per_prompt: int = 8
+    sample_temperature: float = 1.0
+    sample_prompts: int = 100  # at most num_prompts: the first of the greedy pass's prompts
+
+    def __post_init__(self):
+        if self.samples_per_prompt < 0 or self.sample_prompts < 0:
+            raise ConfigError("eval.samples_per_prompt and eval.sample_prompts must be >= 0 (0 turns sampling off)")
+        if self.samples_per_prompt > 0 and not self.sample_temperature > 0:
+            raise ConfigError(f"eval.sample_temperature={self.sample_temperature} must be > 0 (greedy samples are all the same)")
 
 
 @dataclass
@@ -143,4 +157,5 @@ def typed_run_config(cfg: DictConfig) -> DictConfig:
             )
     if len(set(merged.order)) != len(merged.order):
         raise ConfigError(f"order repeats a slot: {list(merged.order)}")
+    OmegaConf.to_object(merged.eval)  # EvalConfig's checks, before any stage trains
     return merged

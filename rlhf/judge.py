@@ -3,8 +3,10 @@
 A judge is three things:
   template     text with `{prompt}` and `{response}` placeholders; the model continues it
                with its verdict. Default: the built-in task's DEFAULT_JUDGE_TEMPLATE
-               ("judge {prompt}answer {response}\\nscore:"), which SFT teaches with
-               `judge_fraction` (the model answers " N", N = round(5 * verifier score)).
+               ("judge {prompt}answer {response}\\n"), which SFT teaches with
+               `judge_fraction`: the model writes `score: N` (N = 5 for an exact answer
+               only, else 5 x verifier score rounded, at most 4), on the path family after
+               checking each step of the answer (rlhf.tasks.builtin.judge_verdict).
                Optional `{reference}`: the judge's OWN answer to the prompt, sampled
                before judging (reference-guided grading, Zheng et al. 2023). Each of the
                num_samples judge samples of a candidate gets its own reference; the
@@ -36,9 +38,8 @@ import torch
 
 from rlhf.errors import ConfigError
 
-# The default template's verdict is " N" right after "score:": the generated text starts
-# with the number. Anchored, so garbage followed by a digit is a parse failure.
-DEFAULT_SCORE_REGEX = r"^\s*(-?\d+(?:\.\d+)?)"
+# The built-in judge writes its checks (if any), then `score: N`; the first `score:` counts.
+DEFAULT_SCORE_REGEX = r"score: ?(-?\d+(?:\.\d+)?)"
 
 
 def default_template() -> str:
@@ -128,7 +129,7 @@ class JudgeConfig:
     num_samples: int = 3  # judge samples per candidate, averaged (Yuan et al.: 3)
     temperature: float = 0.7
     top_p: float = 0.9
-    max_new_tokens: int = 6  # room for " 4.5" + EOS; a template asking for reasons needs more
+    max_new_tokens: int = 48  # room for the built-in judge's checks of an 8-letter arrange answer and "score: 5" + EOS
     reference_max_new_tokens: int = 24  # the judge's own answer, for templates with {reference}
 
     def __post_init__(self):
@@ -266,7 +267,17 @@ def evaluate_judge(
                                 equals; a prompt with no parseable judgement counts its worst
                                 candidate): above candidate_score when the judge helps pick
       eval/judge_pairs          how many candidate pairs judge_agreement is over
-    With a task that has no verifier only the parse failure rate is reported.
+      eval/judge_agreement/<family>   judge_agreement over the pairs of one task family
+                                (tasks whose prompts come in families)
+      eval/judge_score_exact    mean judge score of candidates the verifier scores 1.0, and
+      eval/judge_score_inexact  of the rest: a useful judge puts a clear gap between them
+      eval/judge_calibration/<bucket>   mean judge score of the candidates whose verifier
+                                score is in [0, 0.25), [0.25, 0.5), [0.5, 1.0) or exactly
+                                1.0 (buckets 0.00-0.25, 0.25-0.50, 0.50-1.00, 1.00): it
+                                should rise bucket by bucket
+    Judge-score means are over candidates with a parseable judgement, in the judge's range;
+    a group without any is left out (never NaN). With a task that has no verifier only the
+    parse failure rate is reported.
     Returns the metrics and one row per candidate (prompt, response, judge texts, scores).
     """
     from rlhf.evaluation import generate_text
@@ -299,4 +310,52 @@ def evaluate_judge(
             metrics["eval/judge_agreement"] = credit / pairs
         if errors:
             metrics["eval/judge_mae"] = sum(errors) / len(errors)
+        metrics.update(judge_calibration([j.score for j in judged], truth))
+        if hasattr(task, "family"):
+            metrics.update(family_agreement([task.family(p) for p in prompts], [j.score for j in judged], truth, num_candidates))
     return metrics, rows
+
+
+# (name, lowest verifier score, highest verifier score (excluded)) of judge_calibration's buckets;
+# exact answers get a bucket of their own: the judge's top label is meant for them alone
+CALIBRATION_BUCKETS = (("0.00-0.25", 0.0, 0.25), ("0.25-0.50", 0.25, 0.5), ("0.50-1.00", 0.5, 1.0))
+
+
+def calibration_bucket(verifier_score: float) -> Optional[str]:
+    """The name of the calibration bucket a verifier score falls in ("1.00" for exact); None
+    outside [0, 1] (a task breaking the verifier contract costs a bucket, not the stage)."""
+    if verifier_score == 1.0:
+        return "1.00"
+    for name, lo, hi in CALIBRATION_BUCKETS:
+        if lo <= verifier_score < hi:
+            return name
+    return None
+
+
+def judge_calibration(judged: Sequence[Optional[float]], truth: Sequence[float]) -> dict[str, float]:
+    """Mean judge score (in the judge's own units) per verifier group: `eval/judge_score_exact`
+    (verifier score 1.0), `eval/judge_score_inexact` (the rest) and
+    `eval/judge_calibration/<bucket>` (calibration_bucket). Unjudged (None) candidates are left
+    out; so is a group with no judged candidate."""
+    groups: dict[str, list[float]] = {}
+    for s, t in zip(judged, truth):
+        if s is None:
+            continue
+        groups.setdefault("eval/judge_score_exact" if t == 1.0 else "eval/judge_score_inexact", []).append(s)
+        bucket = calibration_bucket(t)
+        if bucket is not None:
+            groups.setdefault(f"eval/judge_calibration/{bucket}", []).append(s)
+    return {key: sum(v) / len(v) for key, v in sorted(groups.items())}
+
+
+def family_agreement(families: Sequence[str], judged: Sequence[Optional[float]], truth: Sequence[float], num_candidates: int) -> dict[str, float]:
+    """`eval/judge_agreement/<family>`: pairwise_agreement over the candidates of each family's
+    prompts. `families` has one entry per prompt; judged/truth hold num_candidates entries per
+    prompt, prompt by prompt. A family without a pair whose verifier scores differ is left out."""
+    totals: dict[str, list[float]] = {}
+    for i, family in enumerate(families):
+        sl = slice(i * num_candidates, (i + 1) * num_candidates)
+        credit, pairs = pairwise_agreement(judged[sl], truth[sl])
+        total = totals.setdefault(family, [0.0, 0])
+        total[0], total[1] = total[0] + credit, total[1] + pairs
+    return {f"eval/judge_agreement/{f}": credit / pairs for f, (credit, pairs) in sorted(totals.items()) if pairs}

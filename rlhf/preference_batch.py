@@ -222,7 +222,8 @@ def heldout_eval(policy, task, tokenizer, eval_cfg, num_prompts: int) -> dict[st
     from rlhf.config import EvalConfig
     from rlhf.evaluation import evaluate_policy
 
-    base = EvalConfig(**{k: eval_cfg[k] for k in ("num_prompts", "max_new_tokens", "batch_size", "num_logged_samples")})
+    # greedy only: sampling for pass@k would make this k times dearer, the stage's end measures it
+    base = EvalConfig(**{k: eval_cfg[k] for k in ("num_prompts", "max_new_tokens", "batch_size", "num_logged_samples")}, samples_per_prompt=0)
     metrics, _ = evaluate_policy(policy, task, tokenizer, replace(base, num_prompts=min(num_prompts, base.num_prompts)))
     return metrics
 

@@ -1,9 +1,13 @@
 """`python -m rlhf report RUN_DIR [RUN_DIR ...] [--plot FILE.png | --no-plot] [--all]`
 
 Prints each stage's metrics (from `<run>/stages/<NN>_<slot>/metrics.json`, in run order) as
-a table; several runs are shown side by side, one line per run under each stage. Then plots
-the main metrics across stages (task score, judge agreement, response length, KL), one line
-per run, to `--plot` (default `<first run>/report.png`).
+a table; several runs are shown side by side, one line per run under each stage. The table's
+columns are the main metrics present (task score, exact match, pass@k, best-of-k, sample
+exact rate, judge agreement, the judge's mean score of exact and of inexact answers, judge
+parse failures, length, KL, pairs); `--all` shows every metric (per family, calibration
+buckets, ...). Then plots the main metrics across stages (greedy task score with pass@k
+dashed beside it, judge agreement, response length, KL), one line per run, to `--plot`
+(default `<first run>/report.png`).
 
 A stage without its own judge agreement (SFT, say) shows the value the NEXT stage measured
 on its starting weights (`start/judge_agreement`), which are this stage's final weights;
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,17 +27,23 @@ from typing import Optional
 from rlhf import checkpoint
 from rlhf.errors import RLHFError
 
-# (metrics.json key, column title) of the table's default columns
+# (metrics.json key, column title) of the table's default columns; pass@k and best-of-k
+# columns are added for whatever k the runs sampled (HEADROOM)
 MAIN = [
     ("eval/task_score", "task_score"),
     ("eval/exact_match", "exact"),
+    ("eval/sample_exact", "sample_exact"),
     ("eval/judge_agreement", "judge_agree"),
+    ("eval/judge_score_exact", "judge_exact"),
+    ("eval/judge_score_inexact", "judge_inexact"),
     ("eval/judge_parse_failure_rate", "judge_fail"),
     ("eval/response_length", "length"),
     ("eval/kl", "kl"),
     ("pairs_total", "pairs"),
 ]
-# (key, title) of the plot's panels
+# overall headroom keys (not per family): column titles "pass@8", "best_of_8"
+HEADROOM = re.compile(r"eval/(pass@\d+|best_of_\d+)")
+# (key, title) of the plot's panels; the task score panel also draws pass@k, dashed
 PLOTTED = [
     ("eval/task_score", "task score (held-out, greedy)"),
     ("eval/judge_agreement", "judge agreement (pairwise)"),
@@ -108,6 +119,10 @@ def format_table(runs: list[Run], all_keys: bool = False) -> str:
     else:
         present = {k for run in runs for s in run.stages for k in s.metrics}
         columns = [(k, title) for k, title in MAIN if k in present]
+        # headroom columns right after exact match, pass@k before best-of-k, smaller k first
+        headroom = sorted((k for k in present if HEADROOM.fullmatch(k)), key=lambda k: (k.startswith("eval/best"), int(re.sub(r"\D", "", k))))
+        at = next((i + 1 for i, (k, _) in enumerate(columns) if k == "eval/exact_match"), len(columns))
+        columns[at:at] = [(k, HEADROOM.fullmatch(k).group(1)) for k in headroom]
     names = _names(runs)
     slots: list[str] = []
     for run in runs:
@@ -155,16 +170,25 @@ def plot(runs: list[Run], path: Path) -> Optional[Path]:
         slots += [s.slot for s in run.stages if s.slot not in slots]
     panels = [(k, t) for k, t in PLOTTED if any(k in s.metrics for run in runs for s in run.stages)] or PLOTTED[:1]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    passes = sorted({k for run in runs for s in run.stages for k in s.metrics if k.startswith("eval/pass@") and HEADROOM.fullmatch(k)})
     for ax, (key, title) in zip(axes[0], panels):
+        # greedy task score beside what k samples reach (same colour per run, pass@k dashed)
+        overlays = passes if key == "eval/task_score" else []
         for name, run in zip(_names(runs), runs):
-            points = [(slots.index(s.slot), s.metrics[key]) for s in run.stages if key in s.metrics]
-            if points:
-                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+            lines = [(key, "-", "o", name)] + [(k, "--", "^", f"{name} {k[len('eval/'):]}") for k in overlays]
+            color = None
+            for k, style, marker, label in lines:
+                points = [(slots.index(s.slot), s.metrics[k]) for s in run.stages if k in s.metrics]
+                if points:
+                    (line,) = ax.plot([x for x, _ in points], [y for _, y in points], style, marker=marker, label=label, color=color)
+                    color = line.get_color()
+        if overlays:
+            title = f"{title} vs {', '.join(k[len('eval/'):] for k in overlays)} (dashed)"
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(slots)))
         ax.set_xticklabels(slots, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
-    if len(runs) > 1:
+    if len(runs) > 1 or passes:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -232,7 +232,10 @@ def mid_training_eval(policy: nn.Module, task, tokenizer, run_cfg, num_prompts: 
     from rlhf.config import EvalConfig
     from rlhf.evaluation import evaluate_policy
 
-    eval_cfg = EvalConfig(num_prompts=num_prompts, max_new_tokens=run_cfg.eval.max_new_tokens, batch_size=run_cfg.eval.batch_size, num_logged_samples=0)
+    # greedy only (samples_per_prompt=0): pass@k would make it k times dearer; the stage's end measures it
+    eval_cfg = EvalConfig(
+        num_prompts=num_prompts, max_new_tokens=run_cfg.eval.max_new_tokens, batch_size=run_cfg.eval.batch_size, num_logged_samples=0, samples_per_prompt=0
+    )
     metrics, _ = evaluate_policy(policy, task, tokenizer, eval_cfg)
     return metrics
 

@@ -4,7 +4,7 @@ import pytest
 
 from rlhf.errors import ConfigError
 from rlhf.tasks import TaskConfig
-from rlhf.tasks.builtin import BuiltinTask, answer, score, verifier_reward
+from rlhf.tasks.builtin import BuiltinTask, answer, arrangement, judge_label, judge_verdict, parse_path_prompt, score, verifier_reward
 
 
 def test_answers():
@@ -31,8 +31,9 @@ def test_seeded_and_held_out_prompts_never_trained_on():
     assert BuiltinTask(TaskConfig()).eval_prompts() == BuiltinTask(TaskConfig()).eval_prompts()
 
 
-def test_examples_are_consistent_with_the_verifier():
-    task = BuiltinTask(TaskConfig())
+@pytest.mark.parametrize("families", [["sort", "add"], ["path"], ["arrange"]])
+def test_examples_are_consistent_with_the_verifier(families):
+    task = BuiltinTask(TaskConfig(families=families))
     rng = random.Random(1)
     for _ in range(200):
         ex = task.sft_example(rng)
@@ -40,7 +41,7 @@ def test_examples_are_consistent_with_the_verifier():
         pair = task.preference_pair(rng)
         assert score(pair.prompt, pair.chosen) == 1.0 and score(pair.prompt, pair.rejected) < 1.0
         judged = task.judge_example(rng)
-        assert judged.prompt.startswith("judge ") and judged.response.strip().isdigit()
+        assert judged.prompt.startswith("judge ") and "score: " in judged.response and judged.response[-1].isdigit()
         assert all(ch in task.tokenizer.alphabet for ch in judged.prompt + judged.response)
 
 
@@ -53,3 +54,88 @@ def test_difficulty_knob_changes_lengths():
 def test_unknown_family_is_a_config_error():
     with pytest.raises(ConfigError, match="families"):
         BuiltinTask(TaskConfig(families=["poetry"]))
+
+
+# -- path: producing needs a choice of branch; checking needs only "is each hop an edge?" --
+
+PATH = "path: bc ab ad de a>e\n"  # a star from a: a-b-c and a-d-e; the goal e ends the second
+
+
+def test_path_answer_and_verifier_by_hand():
+    assert answer(PATH) == "ade"
+    assert score(PATH, "ade") == 1.0
+    assert score(PATH, "abc") == 0.5  # every hop an edge, wrong end: half of 2/2
+    assert score(PATH, "abe") == 0.25  # a wrong turn then the goal: half of 1/2
+    assert score(PATH, "de") == 0.0  # does not begin at the start
+    assert score(PATH, "a") == 0.0 and score(PATH, "") == 0.0
+    assert score(PATH, "ade!") == pytest.approx(0.5 * 2 / 3)  # junk after the goal costs
+
+
+def test_judge_labels_keep_exact_apart_from_near_misses():
+    assert [judge_label(s) for s in (1.0, 0.99, 0.9, 0.5, 0.3, 0.1, 0.0)] == [5, 4, 4, 3, 2, 1, 0]
+
+
+def test_judge_verdicts_by_hand():
+    # the start, each hop, the goal
+    assert judge_verdict(PATH, "ade") == "a+ ad+ de+ e+\nscore: 5"
+    assert judge_verdict(PATH, "abc") == "a+ ab+ bc+ c-\nscore: 3"
+    assert judge_verdict(PATH, "abe") == "a+ ab+ be- e+\nscore: 1"
+    assert judge_verdict(PATH, "aa") == "a+ aa- a-\nscore: 0"
+    assert judge_verdict(PATH, "") == "score: 0"
+    assert judge_verdict(PATH, "a d") == "score: 0"  # not a path: no step-by-step checks
+    assert judge_verdict("sort: cba\n", "abc") == "score: 5"
+    assert judge_verdict("sort: cba\n", "acb") == "score: 2"  # 1/3 -> 1.67 rounds half up to 2
+
+
+def test_path_prompts_have_one_path_and_the_knobs_hold():
+    task = BuiltinTask(TaskConfig(families=["path"], path_min_branches=3, path_max_branches=3, path_min_hops=3, path_max_hops=3))
+    rng = random.Random(3)
+    for _ in range(200):
+        prompt = task.train_prompt(rng)
+        edges, start, goal = parse_path_prompt(prompt)
+        assert len(edges) == 9 and len(answer(prompt)) == 4
+        assert sum(e[0] == start for e in edges) == 3 and goal != start
+        assert score(prompt, answer(prompt)) == 1.0 and task.family(prompt) == "path"
+
+
+def test_path_judging_examples_cover_the_models_mistakes():
+    task = BuiltinTask(TaskConfig(families=["path"]))
+    rng = random.Random(4)
+    labels = []
+    for _ in range(400):
+        ex = task.judge_example(rng)
+        prompt = ex.prompt[len("judge ") : ex.prompt.index("answer ")]
+        candidate = ex.prompt.split("answer ")[1][:-1]
+        assert ex.response == judge_verdict(prompt, candidate) and ex.response.endswith(f"score: {judge_label(score(prompt, candidate))}")
+        labels.append(judge_label(score(prompt, candidate)))
+    # right paths, wrong turns then the goal, wrong branches walked to their end, near misses
+    assert 0.2 < labels.count(5) / 400 < 0.4 and labels.count(3) > 40 and labels.count(1) + labels.count(2) > 120
+
+
+# -- arrange: producing needs search (avoid dead ends); checking looks at neighbours only --
+
+
+def test_arrangement_is_the_first_valid_ordering():
+    assert arrangement("abc") is None  # b is a neighbour of both others
+    assert arrangement("abcd") == "bdac"  # a... dead-ends (ac, then b or d both fail): search backs up
+    assert arrangement("ace") == "ace"
+    assert answer("arrange: abcd\n") == "bdac"
+
+
+def test_arrange_verifier_and_verdict_by_hand():
+    p = "arrange: abcd\n"
+    assert score(p, "bdac") == 1.0 and score(p, "cadb") == 1.0  # any valid ordering is right
+    assert score(p, "abdc") == pytest.approx(0.5 * 1 / 3)  # an ordering with two neighbour pairs
+    assert score(p, "bda") == pytest.approx(0.25 * 3 / 4)  # not an ordering: letters shared
+    assert judge_verdict(p, "cadb") == "ca+ ad+ db+ =+\nscore: 5"
+    assert judge_verdict(p, "abdc") == "ab- bd+ dc- =+\nscore: 1"
+    assert judge_verdict(p, "bda") == "bd+ da+ =-\nscore: 1"
+
+
+def test_arrange_prompts_are_solvable_and_dense():
+    task = BuiltinTask(TaskConfig(families=["arrange"], arrange_min_len=6, arrange_max_len=6))
+    rng = random.Random(5)
+    prompts = [task.train_prompt(rng) for _ in range(200)]
+    assert all(len(p) == len("arrange: ") + 7 and score(p, answer(p)) == 1.0 for p in prompts)
+    # letters come from a narrow window: most prompts hold alphabet neighbours to keep apart
+    assert sum(any(ord(b) - ord(a) == 1 for a, b in zip(p[9:-1], p[10:-1])) for p in prompts) > 150

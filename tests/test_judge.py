@@ -29,18 +29,19 @@ SCORE = r"score:\s*(-?\d+(?:\.\d+)?)"  # an unanchored user regex
 @pytest.mark.parametrize(
     "text, expected",
     [
-        (" 4", 4.0),  # the built-in template's format
-        ("3", 3.0),
-        (" 0", 0.0),
-        (" 5", 5.0),  # the range is inclusive
-        (" 2.5", 2.5),
-        ("  4.75 and more", 4.75),
-        (" 7", None),  # above the range
-        (" -1", None),  # below the range
-        (" 5.01", None),
+        ("score: 4", 4.0),  # the built-in judge's format
+        ("a+ ab+ bc- c+\nscore: 1", 1.0),  # its step-by-step checks of a path come first
+        ("score:3", 3.0),
+        ("score: 0", 0.0),
+        ("score: 5", 5.0),  # the range is inclusive
+        ("score: 2.5", 2.5),
+        ("score: 4.75 and more", 4.75),
+        ("score: 7", None),  # above the range
+        ("score: -1", None),  # below the range
+        ("score: 5.01", None),
         ("", None),  # missing
-        (" four", None),
-        ("x 4", None),  # the default regex is anchored: junk before the number fails
+        ("score: four", None),
+        (" 4", None),  # a bare number is no verdict
     ],
 )
 def test_parse_default_regex(text, expected):
@@ -49,7 +50,7 @@ def test_parse_default_regex(text, expected):
 
 def test_parse_several_matches_takes_the_first():
     assert parse_judgement("score: 2 ... on reflection score: 4", SCORE, 0, 5) == 2.0
-    assert parse_judgement(" 3 4 5", DEFAULT_SCORE_REGEX, 0, 5) == 3.0
+    assert parse_judgement("score: 3 score: 4", DEFAULT_SCORE_REGEX, 0, 5) == 3.0
 
 
 def test_parse_user_regex_decimals_range_and_missing():
@@ -140,7 +141,7 @@ def test_bad_regex_fails_the_command_before_any_stage(cli, tmp_path):
 
 
 class Scripted(nn.Module):
-    """A stand-in LM that writes " 4" and EOS after a ':' (next token from the last token alone)."""
+    """A stand-in LM that writes "score: 4" and EOS after a newline (next token from the last token alone)."""
 
     def __init__(self, tok: CharTokenizer):
         super().__init__()
@@ -148,7 +149,8 @@ class Scripted(nn.Module):
         v = tok.vocab_size
         self.table = torch.full((v, v), -1e4)
         self.table[:, tok.eos_id] = 0.0  # anything else: stop
-        for a, b in ((":", " "), (" ", "4")):
+        verdict = "\nscore: 4"  # every character once, so the last token alone says what comes next
+        for a, b in zip(verdict, verdict[1:]):
             self.table[tok.encode(a)[0]] = -1e4
             self.table[tok.encode(a)[0], tok.encode(b)[0]] = 0.0
 
@@ -161,7 +163,7 @@ def test_judge_batches_samples_and_averages():
     cfg = JudgeConfig(num_samples=3, temperature=1.0, top_p=1.0)
     prompts, responses = ["sort: cba\n", "add: 1+2\n"], ["abc", "4"]
     out = judge(Scripted(tok), tok, prompts, responses, cfg, batch_size=4)  # 6 generations in 2 batches
-    assert [j.texts for j in out] == [[" 4"] * 3] * 2
+    assert [j.texts for j in out] == [["score: 4"] * 3] * 2
     assert [j.score for j in out] == [4.0, 4.0] and all(j.failures == 0 for j in out)
     assert judge_scores(Scripted(tok), tok, prompts, responses, cfg) == [4.0, 4.0]
     # a range that excludes 4: every sample fails, the score is None (dropped, not guessed)
@@ -190,7 +192,7 @@ def test_reference_judge_shares_each_prompts_references(monkeypatch):
         if len(calls) == 1:  # the references: "<prompt's first letter><sample index>"
             return [f"{t[6]}{i % 2}" for i, t in enumerate(texts)]
         # the verdicts: 5 when the response equals the reference, else 1
-        return [" 5" if t.split("answer ")[1].split("\n")[0] == t.split("reference ")[1].split("\n")[0] else " 1" for t in texts]
+        return ["score: 5" if t.split("answer ")[1].split("\n")[0] == t.split("reference ")[1].split("\n")[0] else "score: 1" for t in texts]
 
     monkeypatch.setattr(rlhf.evaluation, "generate_text", fake_generate_text)
     cfg = JudgeConfig(num_samples=2, template="{prompt}answer {response}\nreference {reference}\nscore:")

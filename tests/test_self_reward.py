@@ -95,6 +95,8 @@ SMALL_ITER = (
     "judge.score_regex='(\\d)'",
     "eval_prompts=4",
     "max_new_tokens=8",
+    "judge_batch_size=4",  # keep the judge: judging examples' NLL every step
+    "judge.temperature=1.0",  # the recipe's judge is greedy: sampled verdicts make the tiny model's scores differ
 )
 
 
@@ -151,7 +153,7 @@ def test_self_reward_recipe_end_to_end_and_resume(cli, tmp_path):
             "eval/judge_parse_failure_rate", "eval/candidate_score", "eval/judge_pick_score", "eval/kl",
             "start/judge_parse_failure_rate", "pairs_total", "ties_total", "unparseable_total",
             "round/pairs", "round/ties", "round/unparseable", "round/judge_parse_failure_rate",
-            "round/mean_response_length", "round/start_task_score", "round/generate_s",
+            "round/mean_response_length", "round/start_task_score", "round/generate_s", "train/judge_nll",
         ):
             assert key in m, key
         assert m["pairs_total"] + m["ties_total"] + m["unparseable_total"] == 8 * rounds

@@ -20,6 +20,9 @@ One stage is one iteration M_t -> M_t+1. Its optimizer steps are split into roun
      log-probs) goes to `rounds/round_<r>.jsonl`, written atomically by rank 0.
 The round's steps then make about one pass over its fresh pairs with DPO plus an NLL term
 on the chosen response (`nll_weight`, on by default: plain DPO collapses small models).
+With `judge_batch_size` > 0 each step also trains on that many of the task's judging
+examples (NLL, weighted by `judge_weight`): the seed evaluation data of the paper's M1,
+replayed so the judge is not forgotten while DPO moves the policy.
 
 Resume: one `ctx.fit` covers every round; a resumed run reloads round r's file instead of
 sampling again from weights that are no longer the round's starting weights.
@@ -51,8 +54,8 @@ from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_text
-from rlhf.judge import JudgeConfig, evaluate_judge, judge
-from rlhf.logprobs import sequence_logprobs
+from rlhf.judge import JudgeConfig, evaluate_judge, judge, template_fields
+from rlhf.logprobs import response_nll, sequence_logprobs
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
@@ -76,7 +79,7 @@ from rlhf.rounds import (
     round_training_step,
 )
 from rlhf.stage_context import StageContext, StageResult
-from rlhf.training import adamw_with_schedule, mix_seed
+from rlhf.training import adamw_with_schedule, check_finite, mix_seed
 
 KIND = "self_reward_dpo"
 log = logging.getLogger("rlhf")
@@ -99,6 +102,11 @@ class Config(PreferenceLossConfig, StageConfig):
     min_score_gap: float = 0.0  # best - worst judge score must exceed this, or the prompt is a tie
     eval_prompts: int = 64  # held-out prompts: task score every round, judge agreement and KL at start/end; 0: off
     kl_reference: Optional[str] = None  # an earlier slot to measure eval/kl against; None: the stage's start
+    # keep the judge: each step adds judge_weight x the NLL of judge_batch_size of the task's
+    # judging examples (the seed EFT data SFT saw), so judging is not forgotten while DPO moves
+    # the policy; 0: off
+    judge_batch_size: int = 0
+    judge_weight: float = 1.0
 
     def __post_init__(self):
         if self.steps_per_round < 1 or self.num_candidates < 2:
@@ -170,6 +178,7 @@ class SelfRewardModule(L.LightningModule):
         self.round = -1
         self.data: Optional[RoundPairs] = None
         self.recent: deque = deque(maxlen=20)
+        self.recent_judge_nll: deque = deque(maxlen=20)
         self.last_round: dict[str, float] = {}
 
     def on_train_start(self):
@@ -225,13 +234,30 @@ class SelfRewardModule(L.LightningModule):
         return gather_rows(rows, world)
 
     def training_step(self, batch, batch_idx):
-        return round_training_step(self, batch, lambda tokens, mask, ref: preference_loss(self.cfg, *pair_logprobs(self.policy, tokens, mask), ref))
+        loss = round_training_step(self, batch, lambda tokens, mask, ref: preference_loss(self.cfg, *pair_logprobs(self.policy, tokens, mask), ref))
+        if self.cfg.judge_batch_size:
+            judge_nll = self._judge_nll(int(batch[0]), int(batch[1]))
+            self.log("train/judge_nll", judge_nll)
+            self.recent_judge_nll.append(float(judge_nll))
+            loss = loss + self.cfg.judge_weight * judge_nll
+            check_finite(loss, self.ctx.slot, self.global_step)
+        return loss
+
+    def _judge_nll(self, r: int, step: int) -> torch.Tensor:
+        """NLL of this rank's share of the judging examples of round r's step (a pure function of (seed, r, step))."""
+        rng = random.Random(mix_seed(self.ctx.seed, "judge_examples", r, step))
+        template, tok = self.cfg.judge.resolved_template(), self.ctx.tokenizer
+        examples = [self.ctx.task.judge_example(rng, template) for _ in range(self.cfg.judge_batch_size)]
+        mine = examples[self.trainer.global_rank :: self.trainer.world_size]
+        tokens, mask = join_prompt_response([tok.encode(e.prompt) for e in mine], [tok.encode(e.response) + [tok.eos_id] for e in mine], tok.pad_id, self.device)
+        return response_nll(self.policy(tokens), tokens, mask)
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def final_metrics(self) -> dict[str, float]:
-        return {**recent_means(self.recent), **self.last_round}
+        judge = {"train/judge_nll": sum(self.recent_judge_nll) / len(self.recent_judge_nll)} if self.recent_judge_nll else {}
+        return {**recent_means(self.recent), **judge, **self.last_round}
 
 
 @torch.no_grad()
@@ -295,6 +321,10 @@ def run(ctx: StageContext) -> StageResult:
         tok.encode(cfg.judge.resolved_template().format(prompt="", response="", reference=""))
     except DataError as err:
         raise ConfigError(f"stages.{ctx.slot}.judge template: {err}") from None
+    if cfg.judge_batch_size and not hasattr(ctx.task, "judge_example"):
+        raise ConfigError(f"stages.{ctx.slot}.judge_batch_size: task {ctx.run_cfg.task.name!r} has no judging examples; set it to 0")
+    if cfg.judge_batch_size and "reference" in template_fields(cfg.judge.resolved_template()):
+        raise ConfigError(f"stages.{ctx.slot}.judge_batch_size: judging examples have no {{reference}} answer to fill the template with; set it to 0")
     kl_slot_dir = ctx.stage_dir_of(cfg.kl_reference) if cfg.kl_reference else None  # fails now if the slot is not earlier
 
     start = starting_reference(ctx)  # the iteration's starting weights, frozen (LoRA-aware)

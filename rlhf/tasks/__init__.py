@@ -26,6 +26,14 @@ class TaskConfig:
     sort_max_len: int = 14
     add_min_digits: int = 3
     add_max_digits: int = 6
+    # path: a star of branches chains from the start, each hops edges long
+    path_min_branches: int = 2
+    path_max_branches: int = 3
+    path_min_hops: int = 2
+    path_max_hops: int = 3
+    # arrange: order n distinct letters (from a window of 1.5 n) so no alphabet neighbours touch
+    arrange_min_len: int = 5
+    arrange_max_len: int = 8
     num_eval_prompts: int = 200
     # the task's own seed: fixes the held-out prompts whatever the run's seed
     seed: int = 20240601

@@ -27,14 +27,118 @@ from rlhf.tasks import TaskConfig
 # printable ASCII plus newline: any judge template or user text in plain English fits
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 
-DEFAULT_JUDGE_TEMPLATE = "judge {prompt}answer {response}\nscore:"
+FAMILIES = ("sort", "add", "path", "arrange")
+DEFAULT_JUDGE_TEMPLATE = "judge {prompt}answer {response}\n"
+MAX_MARKED_HOPS = 8  # a path answer longer than this is judged without marks (no walk here is that long)
+
+
+def judge_label(score: float) -> int:
+    """The 0-5 judge label of a verifier score: 5 for an exact answer ONLY, otherwise
+    5 x score rounded half up and capped at 4, so a near miss never shares the exact label."""
+    return 5 if score == 1.0 else min(4, int(5 * score + 0.5))
+
+
+def judge_verdict(prompt: str, response: str) -> str:
+    """What the built-in task's judge writes after the template: `score: N` (N = judge_label).
+
+    It first checks the answer step by step where a check is local: for path the first node
+    against the start, each hop against the edge list, the last node against the goal
+    (`a+ ab+ bf- f+`); for arrange each pair of neighbours (`ab-`: alphabet neighbours side
+    by side) and whether it uses the prompt's letters once each (`=+`). `+` holds, `-` fails.
+    Then the score."""
+    label = judge_label(score(prompt, response))
+    if prompt.startswith("path") and response.isalpha() and response.islower() and 0 < len(response) <= MAX_MARKED_HOPS + 1:
+        _, start, goal = parse_path_prompt(prompt)
+        mark = lambda ok: "+" if ok else "-"  # noqa: E731
+        checks = [response[0] + mark(response[0] == start)]
+        checks += [hop + mark(ok) for hop, ok in path_hops(prompt, response)]
+        checks.append(response[-1] + mark(response[-1] == goal))
+        return " ".join(checks) + f"\nscore: {label}"
+    if prompt.startswith("arrange") and 0 < len(response) <= 16:
+        pairs = [a + b + ("-" if abs(ord(a) - ord(b)) == 1 else "+") for a, b in zip(response, response[1:])]
+        same = sorted(response) == sorted(prompt[len("arrange: ") : -1])
+        return " ".join(pairs + ["=" + ("+" if same else "-")]) + f"\nscore: {label}"
+    return f"score: {label}"
 
 
 _PROMPT = re.compile(r"^(sort): ([a-z]+)\n$|^(add): (\d+)\+(\d+)\n$")
+_PATH = re.compile(r"^path: ((?:[a-z]{2} )+)([a-z])>([a-z])\n$")
+
+
+def parse_path_prompt(prompt: str) -> tuple[set[str], str, str]:
+    """(edges as two-letter strings, start, goal) of a path prompt."""
+    m = _PATH.match(prompt)
+    if m is None:
+        raise ValueError(f"not a path prompt: {prompt!r}")
+    return set(m.group(1).split()), m.group(2), m.group(3)
+
+
+def path_hops(prompt: str, response: str) -> list[tuple[str, bool]]:
+    """Each hop (two consecutive nodes) of a path response and whether it is an edge of the prompt."""
+    edges, _, _ = parse_path_prompt(prompt)
+    return [(response[i : i + 2], response[i : i + 2] in edges) for i in range(len(response) - 1)]
+
+
+def path_score(prompt: str, response: str) -> float:
+    """1.0 for a walk from start to goal along the prompt's edges; otherwise half the share of
+    hops that are edges (0 if it does not begin at the start): a walk down the wrong branch
+    earns 0.5, a wrong turn followed by the goal 0.25."""
+    _, start, goal = parse_path_prompt(prompt)
+    if len(response) < 2 or response[0] != start:
+        return 0.0
+    hops = path_hops(prompt, response)
+    valid = sum(ok for _, ok in hops)
+    if valid == len(hops) and response[-1] == goal:
+        return 1.0
+    return 0.5 * valid / len(hops)
+
+
+def arrangement(letters: str, prefix: str = "") -> str | None:
+    """The alphabetically first ordering of `letters` (distinct, sorted) in which no two
+    neighbours are neighbours in the alphabet, by depth-first search; None if there is none."""
+    if len(prefix) == len(letters):
+        return prefix
+    for c in letters:
+        if c not in prefix and not (prefix and abs(ord(c) - ord(prefix[-1])) == 1):
+            found = arrangement(letters, prefix + c)
+            if found is not None:
+                return found
+    return None
+
+
+def arrange_score(prompt: str, response: str) -> float:
+    """1.0 for an ordering of the prompt's letters with no two alphabet neighbours side by side;
+    an ordering with some: half the share of good neighbour pairs; anything else: a quarter of
+    the letters it shares with the prompt over the longer of the two."""
+    letters = prompt[len("arrange: ") : -1]
+    if sorted(response) == sorted(letters):
+        good = [abs(ord(a) - ord(b)) != 1 for a, b in zip(response, response[1:])]
+        return 1.0 if all(good) else 0.5 * sum(good) / max(1, len(good))
+    shared = sum(min(response.count(c), 1) for c in letters)
+    return 0.25 * shared / max(len(letters), len(response), 1)
 
 
 def answer(prompt: str) -> str:
-    """The correct response to a task prompt."""
+    """The correct response to a task prompt (for path: the shortest path, unique in this task's graphs)."""
+    if prompt.startswith("arrange: "):
+        return arrangement(prompt[len("arrange: ") : -1])
+    if prompt.startswith("path"):
+        edges, start, goal = parse_path_prompt(prompt)
+        parent, frontier = {start: ""}, [start]
+        while frontier and goal not in parent:  # breadth first
+            step = []
+            for node in frontier:
+                for e in sorted(edges):
+                    if e[0] == node and e[1] not in parent:
+                        parent[e[1]] = node
+                        step.append(e[1])
+            frontier = step
+        if goal not in parent:
+            raise ValueError(f"no path from {start} to {goal}: {prompt!r}")
+        path = goal
+        while parent[path[0]]:
+            path = parent[path[0]] + path
+        return path
     m = _PROMPT.match(prompt)
     if m is None:
         raise ValueError(f"not a built-in task prompt: {prompt!r}")
@@ -44,7 +148,13 @@ def answer(prompt: str) -> str:
 
 
 def score(prompt: str, response: str) -> float:
-    """Verifier: 1.0 if exact, else positional overlap with the answer, in [0, 1]."""
+    """Verifier in [0, 1]: 1.0 if exact; for sort and add otherwise the positional overlap with
+    the answer (right-aligned for numbers) over the longer of the two; for path `path_score`,
+    for arrange `arrange_score` (any right answer scores 1.0, not only `answer`'s)."""
+    if prompt.startswith("path"):
+        return path_score(prompt, response)
+    if prompt.startswith("arrange"):
+        return arrange_score(prompt, response)
     target = answer(prompt)
     if response == target:
         return 1.0
@@ -63,11 +173,11 @@ def verifier_reward(prompts: list[str], responses: list[str]) -> list[float]:
 
 class BuiltinTask:
     def __init__(self, cfg: TaskConfig):
-        unknown = set(cfg.families) - {"sort", "add"}
+        unknown = set(cfg.families) - set(FAMILIES)
         if unknown or not cfg.families:
             from rlhf.errors import ConfigError
 
-            raise ConfigError(f"task.families={list(cfg.families)} must be a non-empty subset of ['sort', 'add']")
+            raise ConfigError(f"task.families={list(cfg.families)} must be a non-empty subset of {list(FAMILIES)}")
         self.cfg = cfg
         self.tokenizer = CharTokenizer(ALPHABET)
         self._eval = self._make_eval_prompts()
@@ -79,9 +189,31 @@ class BuiltinTask:
         if family == "sort":
             n = rng.randint(self.cfg.sort_min_len, self.cfg.sort_max_len)
             return "sort: " + "".join(rng.choice(string.ascii_lowercase) for _ in range(n)) + "\n"
+        if family == "path":
+            return self._path_prompt(rng)
+        if family == "arrange":
+            while True:  # distinct letters from a narrow window, so neighbours are common
+                n = rng.randint(self.cfg.arrange_min_len, self.cfg.arrange_max_len)
+                first = rng.randrange(26 - (n + n // 2) + 1)
+                letters = "".join(sorted(rng.sample(string.ascii_lowercase[first : first + n + n // 2], n)))
+                if arrangement(letters) is not None:
+                    return f"arrange: {letters}\n"
         a = rng.randint(10 ** (self.cfg.add_min_digits - 1), 10 ** rng.randint(self.cfg.add_min_digits, self.cfg.add_max_digits) - 1)
         b = rng.randint(10 ** (self.cfg.add_min_digits - 1), 10 ** rng.randint(self.cfg.add_min_digits, self.cfg.add_max_digits) - 1)
         return f"add: {a}+{b}\n"
+
+    def _path_prompt(self, rng: random.Random) -> str:
+        """A star of `branches` chains of `hops` edges each from the start; the goal ends one
+        chain. Producing the path means choosing the branch that reaches the goal (a lookahead
+        over the edge list); checking one needs only "is each hop an edge?"."""
+        cfg = self.cfg
+        branches = rng.randint(cfg.path_min_branches, cfg.path_max_branches)
+        hops = rng.randint(cfg.path_min_hops, cfg.path_max_hops)
+        nodes = rng.sample(string.ascii_lowercase, 1 + branches * hops)
+        start, chains = nodes[0], [nodes[1 + b * hops : 1 + (b + 1) * hops] for b in range(branches)]
+        edges = [a + b for chain in chains for a, b in zip([start] + chain, chain)]
+        rng.shuffle(edges)
+        return f"path: {' '.join(edges)} {start}>{rng.choice(chains)[-1]}\n"
 
     def _make_eval_prompts(self) -> list[str]:
         rng = random.Random(self.cfg.seed)
@@ -108,7 +240,7 @@ class BuiltinTask:
         return score(prompt, response)
 
     def family(self, prompt: str) -> str:
-        """The family a prompt belongs to ("sort" or "add"): evaluation reports a score per family."""
+        """The family a prompt belongs to ("sort", "add" or "path"): evaluation reports a score per family."""
         return prompt.split(":", 1)[0]
 
     # -- data for each kind of stage ---------------------------------------------------------
@@ -142,27 +274,47 @@ class BuiltinTask:
                 return out
 
     def preference_pair(self, rng: random.Random) -> PreferencePair:
-        """Offline preference data: the correct answer over a near miss."""
+        """Offline preference data: the correct answer over a near miss (one the verifier scores
+        below 1: in arrange a swap can give another right ordering)."""
         prompt = self.train_prompt(rng)
         chosen = answer(prompt)
-        return PreferencePair(prompt, chosen, self.corrupt(prompt, chosen, rng))
+        rejected = self.corrupt(prompt, chosen, rng)
+        while score(prompt, rejected) == 1.0:
+            rejected = self.corrupt(prompt, chosen, rng)
+        return PreferencePair(prompt, chosen, rejected)
+
+    def judge_candidate(self, prompt: str, rng: random.Random) -> str:
+        """A candidate answer of the kind a small model writes, for judging examples: for sort
+        and add the right answer (30%), a near miss (50%) or the right answer to ANOTHER prompt
+        of the same family (20%: well-formed but wrong); for path the right path (30%), a wrong
+        turn followed by the goal (40%: a model that has learned to copy the goal but not to
+        choose the branch writes these, and a judge that only checks the form would pass them),
+        a walk down another branch (15%) or a near miss (15%)."""
+        right, u = answer(prompt), rng.random()
+        if u < 0.3:
+            return right
+        if prompt.startswith("path"):
+            edges, start, goal = parse_path_prompt(prompt)
+            if u < 0.85:
+                wrong = rng.choice(sorted(e[1] for e in edges if e[0] == start and e[1] != right[1]))
+                walk = start + wrong
+                while u < 0.45 and (nxt := [e[1] for e in edges if e[0] == walk[-1]]):
+                    walk += nxt[0]
+                return walk if u < 0.45 else walk + right[2:]
+            return self.corrupt(prompt, right, rng)
+        if prompt.startswith("arrange") and u < 0.75:
+            return "".join(rng.sample(right, len(right)))  # an ordering, usually with neighbours
+        if u < 0.5:
+            other = self.train_prompt(rng)
+            while other[:4] != prompt[:4] or answer(other) == right:
+                other = self.train_prompt(rng)
+            return answer(other)
+        near = self.corrupt(prompt, right, rng)
+        return self.corrupt(prompt, near, rng) if rng.random() < 0.5 else near
 
     def judge_example(self, rng: random.Random, template: str = DEFAULT_JUDGE_TEMPLATE) -> SFTExample:
-        """Teaches judging: a candidate answer and its 0-5 score. Candidates: the right answer
-        (30%), a near miss (50%), or the right answer to ANOTHER prompt of the same family (20%):
-        well-formed but wrong, as a weak model's answers often are, so the judge must check the
-        answer against the prompt rather than its form."""
+        """Teaches judging: the judge template filled with a prompt and a candidate
+        (`judge_candidate`), and the verdict `judge_verdict` writes for it."""
         prompt = self.train_prompt(rng)
-        candidate = answer(prompt)
-        u = rng.random()
-        if u < 0.2:
-            other = self.train_prompt(rng)
-            while other[:4] != prompt[:4] or answer(other) == candidate:
-                other = self.train_prompt(rng)
-            candidate = answer(other)
-        elif u < 0.7:
-            candidate = self.corrupt(prompt, candidate, rng)
-            if rng.random() < 0.5:
-                candidate = self.corrupt(prompt, candidate, rng)
-        judged = template.format(prompt=prompt, response=candidate)
-        return SFTExample(judged, f" {round(5 * score(prompt, candidate))}")
+        candidate = self.judge_candidate(prompt, rng)
+        return SFTExample(template.format(prompt=prompt, response=candidate), judge_verdict(prompt, candidate))
