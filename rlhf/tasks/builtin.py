@@ -289,7 +289,8 @@ class BuiltinTask:
         of the same family (20%: well-formed but wrong); for path the right path (30%), a wrong
         turn followed by the goal (40%: a model that has learned to copy the goal but not to
         choose the branch writes these, and a judge that only checks the form would pass them),
-        a walk down another branch (15%) or a near miss (15%)."""
+        a walk down another branch (15%) or a near miss (15%); for arrange the first right
+        ordering (30%), a shuffle of it (45%: right or wrong by chance) or a near miss (25%)."""
         right, u = answer(prompt), rng.random()
         if u < 0.3:
             return right
