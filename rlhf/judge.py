@@ -294,11 +294,15 @@ def evaluate_judge(
     ]
     if repeated and all(t is not None for t in truth):
         credit, pairs, picks = 0.0, 0, []
+        by_family: dict[str, list[float]] = {}  # family -> [credit, pairs]
         for i in range(len(prompts)):
             sl = slice(i * num_candidates, (i + 1) * num_candidates)
             scores, true = [j.score for j in judged[sl]], truth[sl]
             c, n = pairwise_agreement(scores, true)
             credit, pairs = credit + c, pairs + n
+            if hasattr(task, "family"):
+                total = by_family.setdefault(task.family(prompts[i]), [0.0, 0])
+                total[0], total[1] = total[0] + c, total[1] + n
             scored = [(s, k) for k, s in enumerate(scores) if s is not None]
             picks.append(true[max(scored, key=lambda x: x[0])[1]] if scored else min(true))
         span = cfg.max_score - cfg.min_score
@@ -311,8 +315,8 @@ def evaluate_judge(
         if errors:
             metrics["eval/judge_mae"] = sum(errors) / len(errors)
         metrics.update(judge_calibration([j.score for j in judged], truth))
-        if hasattr(task, "family"):
-            metrics.update(family_agreement([task.family(p) for p in prompts], [j.score for j in judged], truth, num_candidates))
+        # a family without a pair whose verifier scores differ is left out
+        metrics.update({f"eval/judge_agreement/{f}": c / n for f, (c, n) in sorted(by_family.items()) if n})
     return metrics, rows
 
 
@@ -346,16 +350,3 @@ def judge_calibration(judged: Sequence[Optional[float]], truth: Sequence[float])
         if bucket is not None:
             groups.setdefault(f"eval/judge_calibration/{bucket}", []).append(s)
     return {key: sum(v) / len(v) for key, v in sorted(groups.items())}
-
-
-def family_agreement(families: Sequence[str], judged: Sequence[Optional[float]], truth: Sequence[float], num_candidates: int) -> dict[str, float]:
-    """`eval/judge_agreement/<family>`: pairwise_agreement over the candidates of each family's
-    prompts. `families` has one entry per prompt; judged/truth hold num_candidates entries per
-    prompt, prompt by prompt. A family without a pair whose verifier scores differ is left out."""
-    totals: dict[str, list[float]] = {}
-    for i, family in enumerate(families):
-        sl = slice(i * num_candidates, (i + 1) * num_candidates)
-        credit, pairs = pairwise_agreement(judged[sl], truth[sl])
-        total = totals.setdefault(family, [0.0, 0])
-        total[0], total[1] = total[0] + credit, total[1] + pairs
-    return {f"eval/judge_agreement/{f}": credit / pairs for f, (credit, pairs) in sorted(totals.items()) if pairs}
