@@ -28,6 +28,7 @@ from torch import nn
 
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.logprobs import response_logprobs
+from rlhf.losses.policy_gradient import spread_vanishes
 from rlhf.losses.policy_gradient import masked_mean
 from rlhf.reward import RewardFn, reward_function
 from rlhf.rollout_buffer import RolloutBuffer
@@ -217,9 +218,18 @@ class MaskedMoments:
     def var(self) -> float:
         return max(self.total_sq / max(self.count, 1.0) - self.mean**2, 0.0)
 
+    @property
+    def constant(self) -> bool:
+        """Whether every entry added so far is equal up to rounding (the variance is noise)."""
+        return bool(spread_vanishes(self.var**0.5, self.mean))
+
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        out = (x - self.mean) * (self.var + eps) ** -0.5
-        return torch.where(mask.bool(), out, torch.zeros_like(out))
+        """(x - mean) / sqrt(var + eps) on masked entries, 0 elsewhere; exactly 0 everywhere
+        when the accumulated entries are all equal (`constant`), not amplified rounding."""
+        if self.constant:
+            return torch.zeros_like(x)
+        out = (x.double() - self.mean) * (self.var + eps) ** -0.5
+        return torch.where(mask.bool(), out, torch.zeros_like(out)).to(x.dtype)
 
 
 def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

@@ -11,6 +11,7 @@ from rlhf.losses.policy_gradient import (
     entropy_from_logits,
     explained_variance,
     gae,
+    GROUP_ADVANTAGE_KINDS,
     group_advantages,
     grpo_policy_loss,
     kl_estimate,
@@ -19,6 +20,7 @@ from rlhf.losses.policy_gradient import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    spread_vanishes,
 )
 
 ATOL = 1e-6
@@ -376,3 +378,34 @@ def test_grpo_loss_errors():
         grpo_policy_loss(G_LOGP, G_LOGP, G_ADV, G_MASK, 0.2, "ppo")
     with pytest.raises(ValueError, match="advantages must have shape"):
         grpo_policy_loss(G_LOGP, G_LOGP, torch.zeros(2, 3), G_MASK, 0.2, "grpo")
+
+
+@pytest.mark.parametrize("kind", GROUP_ADVANTAGE_KINDS)
+def test_group_advantages_equal_rewards_give_exactly_zero_for_every_k_over_n(kind):
+    # float32 left r - mean ~ 1e-8 in an equal group, and (std + 1e-6) blew it up: eight rewards
+    # of 0.6 gave |A| up to 0.056. Every k/n, n <= 12, must give exactly 0 now.
+    for n in range(1, 13):
+        for k in range(n + 1):
+            adv = group_advantages(torch.full((8,), k / n), group_size=8, kind=kind)
+            assert torch.equal(adv, torch.zeros(8)), (k, n)
+    # a real difference, however small against the rewards' scale, is kept
+    adv = group_advantages(torch.tensor([0.6, 0.6, 0.6, 0.61]), group_size=4, kind=kind)
+    assert adv[3] > 0 and adv[0] < 0
+
+
+def test_constant_group_gives_no_gradient_through_the_grpo_loss():
+    rewards = torch.cat([torch.full((8,), 0.6), torch.full((8,), 0.3)])
+    adv = group_advantages(rewards, group_size=8, kind="grpo")
+    logp = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    loss, _ = grpo_policy_loss(logp, logp.detach() - 0.01, adv, torch.ones(16, 5), clip_eps=0.2, kind="grpo")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+def test_whitening_equal_entries_gives_exactly_zero():
+    x = torch.full((3, 4), 0.6)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    assert torch.equal(masked_whiten(x, mask), torch.zeros_like(x))
+    # shift_mean=False keeps the values (only the scale would change, and there is none)
+    assert torch.allclose(masked_whiten(x, mask, shift_mean=False), torch.where(mask.bool(), x, torch.zeros_like(x)))
+    assert spread_vanishes(1e-9, 0.6) and not spread_vanishes(1e-3, 0.6) and spread_vanishes(1e-4, 1e3)

@@ -85,3 +85,12 @@ def test_chunked_whitening_equals_masked_whiten():
     for start in range(0, 9, 4):  # statistics gathered chunk by chunk, as the stages write a rollout
         moments.add(x[start : start + 4], mask[start : start + 4])
     torch.testing.assert_close(moments.whiten(x, mask), masked_whiten(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_whitening_of_equal_entries_is_exactly_zero():
+    # E[x^2] - mean^2 of equal float32 entries is rounding, not 0: whitening it gave ~1e-4 per entry
+    x, mask = torch.full((6, 5), 0.7), torch.ones(6, 5)
+    moments = MaskedMoments()
+    moments.add(x[:3], mask[:3])
+    moments.add(x[3:], mask[3:])
+    assert moments.constant and torch.equal(moments.whiten(x, mask), torch.zeros_like(x))

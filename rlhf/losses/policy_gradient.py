@@ -17,6 +17,18 @@ from torch import Tensor
 KL_KINDS = ("k1", "k2", "k3")
 GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
 GRPO_LOSS_KINDS = ("grpo", "dr_grpo", "rloo", "reinforce")
+# A spread this small relative to the values' magnitude is rounding, not signal: equal float32
+# rewards leave r - mean ~ 1e-8, which a division by (std + eps) or rsqrt(var + eps) blows up to
+# advantages of ~1e-2 and a gradient as large as a real step.
+SPREAD_TOLERANCE = 1e-6
+
+
+def spread_vanishes(spread: Tensor | float, scale: Tensor | float) -> Tensor | bool:
+    """True where a spread (a std, or max - min) is rounding noise: spread <= 1e-6 * max(1, |scale|),
+    scale being the values' mean (or largest magnitude). Works on floats and elementwise on tensors."""
+    if isinstance(spread, Tensor) or isinstance(scale, Tensor):
+        return torch.as_tensor(spread) <= SPREAD_TOLERANCE * torch.clamp(torch.as_tensor(scale).abs(), min=1.0)
+    return spread <= SPREAD_TOLERANCE * max(1.0, abs(scale))
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -38,16 +50,21 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """Whiten x over its masked entries: (x - mean) / sqrt(var + eps).
 
-    mean and var are over ALL valid entries of the tensor; var is the population
+    mean and var are over ALL valid entries of the tensor, in float64; var is the population
     variance (divide by the count, not count - 1). With shift_mean=False the mean
-    is added back (only the scale changes). Unmasked entries of the output are 0.
+    is added back (only the scale changes). Unmasked entries of the output are 0. Entries
+    whose spread vanishes (`spread_vanishes`: all equal up to rounding) whiten to exactly 0
+    (the mean with shift_mean=False).
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    x64 = x.double()  # float32 leaves x - mean ~ 1e-8 for equal entries
+    mean = masked_mean(x64, mask)
+    var = masked_mean((x64 - mean) ** 2, mask)
+    whitened = (x64 - mean) * torch.rsqrt(var + eps)
+    if spread_vanishes(var.sqrt(), mean):
+        whitened = torch.zeros_like(whitened)  # equal entries: no signal, exactly 0 (not 1e-4 of noise)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened)).to(x.dtype)
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
@@ -184,14 +201,16 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """1 - Var[R - v] / Var[R] over valid tokens (population variances).
 
     1 = perfect value function, 0 = no better than a constant, < 0 = worse.
-    nan when Var[R] is 0 (undefined).
+    nan when Var[R] vanishes (`spread_vanishes`: equal returns up to rounding; undefined).
     """
     def var(x: Tensor) -> Tensor:
+        x = x.double()
         return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
     var_returns = var(returns)
-    ev = 1 - var(returns - values) / var_returns
-    return torch.where(var_returns > 0, ev, torch.full_like(ev, float("nan")))
+    ev = (1 - var(returns - values) / var_returns).to(returns.dtype)
+    constant = spread_vanishes(var_returns.sqrt(), masked_mean(returns.double(), mask))
+    return torch.where(constant, torch.full_like(ev, float("nan")), ev)
 
 
 class AdaptiveKLController:
@@ -253,6 +272,9 @@ def group_advantages(rewards: Tensor, group_size: int, kind: str, eps: float = 1
       no std division (removes the difficulty bias).
     - "rloo" (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE ..."):
       r - mean of the OTHER G - 1 samples = G / (G - 1) * (r - mean). Needs G >= 2.
+    Computed in float64. A group whose rewards are all equal (max - min within
+    `spread_vanishes`' rounding tolerance) gets advantages of exactly 0 under every kind:
+    in float32, eight rewards of 0.6 gave |A| up to 0.056 and a full-sized gradient.
 
     Returns:
         (N,) advantages, same order as rewards.
@@ -268,15 +290,19 @@ def group_advantages(rewards: Tensor, group_size: int, kind: str, eps: float = 1
             f"rewards must be 1-D with a length that is a multiple of group_size={group_size}, "
             f"got shape {tuple(rewards.shape)}"
         )
-    grouped = rewards.view(-1, group_size)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    grouped = rewards.double().view(-1, group_size)  # float32 leaves r - mean ~ 1e-8 in an equal group
+    mean = grouped.mean(dim=1, keepdim=True)
+    centered = grouped - mean
+    # a group whose rewards are equal (up to rounding) carries no signal: exactly 0, for every kind
+    constant = spread_vanishes(grouped.amax(dim=1, keepdim=True) - grouped.amin(dim=1, keepdim=True), mean)
+    centered = torch.where(constant, torch.zeros_like(centered), centered)
     if kind == "grpo":
         advantages = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
     elif kind == "dr_grpo":
         advantages = centered
     else:  # rloo
         advantages = centered * group_size / (group_size - 1)
-    return advantages.reshape(-1)
+    return advantages.reshape(-1).to(rewards.dtype)
 
 
 def grpo_policy_loss(

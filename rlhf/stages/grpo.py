@@ -170,7 +170,7 @@ class GRPOModule(L.LightningModule):
             "rollout/reward_mean": float(everyone.mean()),
             "rollout/reward_std": float(everyone.std()) if everyone.numel() > 1 else 0.0,
             "rollout/group_reward_std": float(grouped.std(1, unbiased=False).mean()),
-            "rollout/zero_std_groups": float((grouped.std(1) == 0).float().mean()),  # groups with no learning signal
+            "rollout/zero_std_groups": float((advantages.view(-1, cfg.group_size) == 0).all(1).float().mean()),  # groups with no learning signal
             "rollout/response_length": float(torch.cat(parts["lengths"]).mean()),
         }
         if parts["mismatch"]:

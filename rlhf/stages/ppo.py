@@ -220,7 +220,7 @@ class PPOModule(L.LightningModule):
             "rollout/kl_coef": self.kl_ctl.value,
             "rollout/response_length": float(torch.cat(parts["lengths"]).mean()),
             "rollout/logprob_mismatch": sum(parts["mismatch"]) / len(parts["mismatch"]),
-            "train/explained_variance": 1.0 - residuals.var / returns.var if returns.var > 0 else float("nan"),
+            "train/explained_variance": float("nan") if returns.constant else 1.0 - residuals.var / returns.var,
         }
         if parts["verifier"]:
             metrics["rollout/verifier_score"] = float(torch.cat(parts["verifier"]).mean())
