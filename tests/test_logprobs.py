@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from rlhf.logprobs import response_logprobs, response_nll, sequence_logprobs, token_logprobs
@@ -54,3 +55,34 @@ def test_padding_after_response_changes_nothing():
     padded_tokens = torch.cat([tokens, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     assert torch.allclose(sequence_logprobs(logits, tokens, mask), sequence_logprobs(padded_logits, padded_tokens, padded_mask))
+
+
+# -- SFT's length buckets: less padding, the same loss ---------------------------------------
+
+
+def test_length_buckets_cut_where_padding_is_least():
+    from rlhf.training import length_buckets
+
+    # four short rows and four long ones: one batch pads 8 x 100 = 800, two pad 4 x 30 + 4 x 100 = 520
+    assert length_buckets([30, 100, 25, 98, 28, 100, 29, 97]) == [[2, 4, 6, 0], [7, 3, 1, 5]]
+    assert length_buckets([30, 31, 29, 30]) == [[0, 1, 2, 3]]  # nothing to save: one forward
+    assert length_buckets([10]) == [[0]] and length_buckets([]) == [[]]
+
+
+def test_bucketed_response_nll_equals_the_padded_batch():
+    from rlhf.logprobs import response_nll
+    from rlhf.model import CausalLM, ModelConfig
+    from rlhf.sampling import join_prompt_response
+    from rlhf.training import bucketed_response_nll
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(dim=32, depth=2, heads=2), 30)
+    prompts = [[1, 2, 3]] * 3 + [[4, 5, 6, 7, 8, 9, 10, 11]] * 3
+    responses = [[12, 2]] * 3 + [list(range(3, 25))] * 3
+    tokens, mask = join_prompt_response(prompts, responses, pad_id=0)
+    whole = response_nll(model(tokens), tokens, mask)
+    grads = torch.autograd.grad(whole, list(model.parameters()))
+    bucketed = bucketed_response_nll(model, tokens, mask)
+    grads_b = torch.autograd.grad(bucketed, list(model.parameters()))
+    assert bucketed.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_b))
