@@ -129,7 +129,7 @@ class JudgeConfig:
     num_samples: int = 3  # judge samples per candidate, averaged (Yuan et al.: 3)
     temperature: float = 0.7
     top_p: float = 0.9
-    max_new_tokens: int = 48  # room for the built-in judge's checks of an 8-letter arrange answer and "score: 5" + EOS
+    max_new_tokens: int = 80  # room for the built-in judge's checks of a 10-letter arrange answer (77 characters) and EOS
     reference_max_new_tokens: int = 24  # the judge's own answer, for templates with {reference}
 
     def __post_init__(self):
@@ -350,3 +350,17 @@ def judge_calibration(judged: Sequence[Optional[float]], truth: Sequence[float])
         if bucket is not None:
             groups.setdefault(f"eval/judge_calibration/{bucket}", []).append(s)
     return {key: sum(v) / len(v) for key, v in sorted(groups.items())}
+
+
+def own_judging_examples(task, rows: list[dict], n: int, rng, template: str) -> list:
+    """n judging examples from a round's own candidates (`rows` as in the round file): half drawn
+    from the candidates the verifier scores below 1, half from the rest (all from one side when
+    the other is empty), each labelled with `task.judging_example`'s verdict. A pure function of
+    (rows, rng). Raises ValueError if the rows hold no candidate."""
+    wrong = [(row["prompt"], c["response"]) for row in rows for c in row["candidates"] if c.get("verifier") is not None and c["verifier"] < 1.0]
+    right = [(row["prompt"], c["response"]) for row in rows for c in row["candidates"] if not (c.get("verifier") is not None and c["verifier"] < 1.0)]
+    if not wrong and not right:
+        raise ValueError("a round with no candidate has no judging examples")
+    pools = [pool for pool in (wrong, right) if pool]
+    picks = [rng.choice(pools[i % len(pools)]) for i in range(n)]
+    return [task.judging_example(prompt, response, template) for prompt, response in picks]

@@ -127,9 +127,31 @@ def test_arrange_verifier_and_verdict_by_hand():
     assert score(p, "bdac") == 1.0 and score(p, "cadb") == 1.0  # any valid ordering is right
     assert score(p, "abdc") == pytest.approx(0.5 * 1 / 3)  # an ordering with two neighbour pairs
     assert score(p, "bda") == pytest.approx(0.25 * 3 / 4)  # not an ordering: letters shared
-    assert judge_verdict(p, "cadb") == "ca+ ad+ db+ =+\nscore: 5"
-    assert judge_verdict(p, "abdc") == "ab- bd+ dc- =+\nscore: 1"
-    assert judge_verdict(p, "bda") == "bd+ da+ =-\nscore: 1"
+    assert judge_verdict(p, "cadb") == "ca+ ad+ db+ a+ b+ c+ d+ =+\nscore: 5"
+    assert judge_verdict(p, "abdc") == "ab- bd+ dc- a+ b+ c+ d+ =+\nscore: 1"
+    assert judge_verdict(p, "bda") == "bd+ da+ a+ b+ c- d+ =-\nscore: 1"  # c dropped: c- and the count
+    assert judge_verdict(p, "bdab") == "bd+ da+ ab- a+ b+ c- d+ =+\nscore: 1"  # b twice in place of c
+    assert judge_verdict(p, "bdae") == "bd+ da+ ae+ a+ b+ c- d+ =+\nscore: 1"  # e swapped in for c
+    # every mark holds exactly when the answer is right
+    task = BuiltinTask(TaskConfig(families=["arrange"], arrange_min_len=4, arrange_max_len=8))
+    rng = random.Random(0)
+    for _ in range(300):
+        q = task.train_prompt(rng)
+        c = task.judge_candidate(q, rng)
+        assert ("-" not in judge_verdict(q, c).split("\n")[0]) == (score(q, c) == 1.0)
+
+
+def test_arrange_judge_candidates_carry_the_models_letter_slips():
+    task = BuiltinTask(TaskConfig(families=["arrange"]))
+    rng = random.Random(1)
+    kinds = {"right": 0, "ordering": 0, "letters": 0}
+    for _ in range(600):
+        q = task.train_prompt(rng)
+        c = task.judge_candidate(q, rng)
+        letters = q[len("arrange: ") : -1]
+        kinds["right" if score(q, c) == 1.0 else "ordering" if sorted(c) == sorted(letters) else "letters"] += 1
+    # wrong letters are the judge's hard part (a substituted letter kept the length in 601 of 806)
+    assert kinds["letters"] > 240 and kinds["ordering"] > 60 and kinds["right"] > 180
 
 
 def test_arrange_prompts_are_solvable_and_dense():

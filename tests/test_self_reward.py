@@ -1,6 +1,7 @@
 """Self-rewarding DPO: pair selection, round statistics, and end-to-end runs (one process and DDP)."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,27 @@ def test_round_stats_counts():
     assert stats["round/mean_response_length"] == pytest.approx(11 / 8)
 
 
+def test_own_judging_examples_half_wrong_half_right_with_the_verifiers_verdicts():
+    from rlhf.judge import own_judging_examples
+    from rlhf.tasks import TaskConfig
+    from rlhf.tasks.builtin import BuiltinTask
+
+    task = BuiltinTask(TaskConfig(families=["arrange"]))
+    p = "arrange: abcd\n"
+    rows = [{"prompt": p, "candidates": [{"response": "cadb", "verifier": 1.0}, {"response": "bdae", "verifier": 0.1875}, {"response": "bdac", "verifier": 1.0}]}]
+    examples = own_judging_examples(task, rows, 4, random.Random(0), "judge {prompt}answer {response}\n")
+    assert [e.response.endswith("score: 1") for e in examples] == [True, False, True, False]  # wrong first, then right
+    assert examples[0] == task.judging_example(p, "bdae", "judge {prompt}answer {response}\n")
+    assert examples[0].response == "bd+ da+ ae+ a+ b+ c- d+ =+\nscore: 1"
+    only_right = [{"prompt": p, "candidates": [{"response": "cadb", "verifier": 1.0}]}]
+    assert all(e.response.endswith("score: 5") for e in own_judging_examples(task, only_right, 3, random.Random(0), "{prompt}{response}"))
+    with pytest.raises(ValueError, match="no candidate"):
+        own_judging_examples(task, [], 2, random.Random(0), "{prompt}{response}")
+
+
 def test_config_checks():
+    with pytest.raises(ConfigError, match="judge_examples"):
+        typed_stage_config("it1", {"kind": "self_reward_dpo", "judge_examples": "verifier"})
     with pytest.raises(ConfigError, match="num_candidates"):
         typed_stage_config("it1", {"kind": "self_reward_dpo", "num_candidates": 1})
     cfg = typed_stage_config("it1", {"kind": "self_reward_dpo"})
@@ -84,6 +105,7 @@ def small(slots=("dpo_iter1", "dpo_iter2")) -> list[str]:
         "stages.sft.batch_size=16",
         "stages.sft.judge_fraction=0.5",
         *[f"stages.{slot}.{key}" for slot in slots for key in SMALL_ITER],
+        *([f"stages.{slots[-1]}.judge_examples=own"] if len(slots) > 1 else []),  # the round's own candidates, judged by the verifier
     ]
 
 
@@ -193,3 +215,24 @@ def test_self_reward_under_ddp(cli, tmp_path):
     rows = check_round_file(d / "rounds" / "round_000.jsonl", prompts=8, k=3, j=2)
     m = json.loads((d / "metrics.json").read_text())
     assert m["pairs_total"] == sum(row["status"] == "pair" for row in rows)
+
+
+def test_eft_config_checks():
+    with pytest.raises(ConfigError, match="answer_fraction"):
+        typed_stage_config("eft", {"kind": "eft", "answer_fraction": 1.0})
+    with pytest.raises(ConfigError, match="num_prompts"):
+        typed_stage_config("eft", {"kind": "eft", "num_prompts": 0})
+
+
+@pytest.mark.slow
+def test_eft_stage_end_to_end(cli, tmp_path):
+    # SFT, then EFT on the model's own sampled answers (verifier-labelled verdicts), then one iteration
+    cli(
+        "run", "recipe=self_reward", "+stage@stages.eft=eft", "order=[sft,eft,dpo_iter1]", *TINY, "task=easy",
+        "stages.sft.max_steps=10", "stages.eft.max_steps=3", "stages.eft.num_prompts=8", "stages.eft.batch_size=8",
+        "stages.dpo_iter1.max_steps=2", *[f"stages.dpo_iter1.{key}" for key in SMALL_ITER], f"hydra.run.dir={tmp_path}",
+    )
+    rows = read_jsonl(tmp_path / "stages" / "01_eft" / "candidates.jsonl")
+    assert [row["index"] for row in rows] == list(range(8)) and all(len(row["candidates"]) == 4 for row in rows)
+    assert all(0.0 <= c["verifier"] <= 1.0 for row in rows for c in row["candidates"])
+    assert (tmp_path / "stages" / "01_eft" / "COMPLETE").exists() and (tmp_path / "stages" / "02_dpo_iter1" / "COMPLETE").exists()

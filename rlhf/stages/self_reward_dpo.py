@@ -22,7 +22,9 @@ The round's steps then make about one pass over its fresh pairs with DPO plus an
 on the chosen response (`nll_weight`, on by default: plain DPO collapses small models).
 With `judge_batch_size` > 0 each step also trains on that many of the task's judging
 examples (NLL, weighted by `judge_weight`): the seed evaluation data of the paper's M1,
-replayed so the judge is not forgotten while DPO moves the policy.
+replayed so the judge is not forgotten while DPO moves the policy; with `judge_examples=own`
+they are the round's own candidates with the task verifier's verdicts (EFT data from the
+model's current mistakes).
 
 Resume: one `ctx.fit` covers every round; a resumed run reloads round r's file instead of
 sampling again from weights that are no longer the round's starting weights.
@@ -54,7 +56,7 @@ from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_text
-from rlhf.judge import JudgeConfig, evaluate_judge, judge, template_fields
+from rlhf.judge import JudgeConfig, evaluate_judge, judge, own_judging_examples, template_fields
 from rlhf.logprobs import response_nll, sequence_logprobs
 from rlhf.preference_batch import (
     PreferenceLossConfig,
@@ -107,8 +109,15 @@ class Config(PreferenceLossConfig, StageConfig):
     # the policy; 0: off
     judge_batch_size: int = 0
     judge_weight: float = 1.0
+    # where the replayed judging examples come from: "task" (the task's own, as in SFT) or
+    # "own" (the round's own candidates, half right and half wrong where the round has both,
+    # each with the verdict the task's verifier gives it: EFT data from the mistakes the
+    # model makes now; the verifier labels the judge's training data, never the pairs)
+    judge_examples: str = "task"
 
     def __post_init__(self):
+        if self.judge_examples not in ("task", "own"):
+            raise ConfigError(f"judge_examples={self.judge_examples!r}: use 'task' or 'own'")
         if self.steps_per_round < 1 or self.num_candidates < 2:
             raise ConfigError(f"steps_per_round must be >= 1 and num_candidates >= 2, got {self.steps_per_round} and {self.num_candidates}")
 
@@ -177,6 +186,7 @@ class SelfRewardModule(L.LightningModule):
         object.__setattr__(self, "reference", reference)  # not a submodule: out of optimizer, DDP, checkpoints
         self.round = -1
         self.data: Optional[RoundPairs] = None
+        self.rows: list[dict] = []  # the round file's rows (judge_examples=own draws from them)
         self.recent: deque = deque(maxlen=20)
         self.recent_judge_nll: deque = deque(maxlen=20)
         self.last_round: dict[str, float] = {}
@@ -194,6 +204,7 @@ class SelfRewardModule(L.LightningModule):
         rows, reloaded = load_or_make(round_path(self.ctx.stage_dir, r), lambda: new_round_rows(self, r, self._make_rows, self.cfg.eval_prompts), self.trainer.is_global_zero)
         if reloaded:  # resumed mid-round: the weights are no longer the round's start
             log.info("%s round %d: reloaded", self.ctx.slot, r)
+        self.rows = rows
         self.data = RoundPairs.best_vs_worst(rows, needs_reference(self.cfg), self.ctx.tokenizer, self.ctx.policy.max_seq_len, self.ctx.seed, r)
         if self.data.empty:
             log.warning("%s round %d: no pair at all; its steps train nothing (raise num_candidates or temperature)", self.ctx.slot, r)
@@ -238,7 +249,7 @@ class SelfRewardModule(L.LightningModule):
         if self.cfg.judge_batch_size:
             judge_nll = self._judge_nll(int(batch[0]), int(batch[1]))
             self.log("train/judge_nll", judge_nll)
-            self.recent_judge_nll.append(float(judge_nll))
+            self.recent_judge_nll.append(float(judge_nll.detach()))
             loss = loss + self.cfg.judge_weight * judge_nll
             check_finite(loss, self.ctx.slot, self.global_step)
         return loss
@@ -247,7 +258,10 @@ class SelfRewardModule(L.LightningModule):
         """NLL of this rank's share of the judging examples of round r's step (a pure function of (seed, r, step))."""
         rng = random.Random(mix_seed(self.ctx.seed, "judge_examples", r, step))
         template, tok = self.cfg.judge.resolved_template(), self.ctx.tokenizer
-        examples = [self.ctx.task.judge_example(rng, template) for _ in range(self.cfg.judge_batch_size)]
+        if self.cfg.judge_examples == "own":
+            examples = own_judging_examples(self.ctx.task, self.rows, self.cfg.judge_batch_size, rng, template)
+        else:
+            examples = [self.ctx.task.judge_example(rng, template) for _ in range(self.cfg.judge_batch_size)]
         mine = examples[self.trainer.global_rank :: self.trainer.world_size]
         tokens, mask = join_prompt_response([tok.encode(e.prompt) for e in mine], [tok.encode(e.response) + [tok.eos_id] for e in mine], tok.pad_id, self.device)
         return response_nll(self.policy(tokens), tokens, mask)
@@ -321,7 +335,7 @@ def run(ctx: StageContext) -> StageResult:
         tok.encode(cfg.judge.resolved_template().format(prompt="", response="", reference=""))
     except DataError as err:
         raise ConfigError(f"stages.{ctx.slot}.judge template: {err}") from None
-    if cfg.judge_batch_size and not hasattr(ctx.task, "judge_example"):
+    if cfg.judge_batch_size and not hasattr(ctx.task, "judge_example" if cfg.judge_examples == "task" else "judging_example"):
         raise ConfigError(f"stages.{ctx.slot}.judge_batch_size: task {ctx.run_cfg.task.name!r} has no judging examples; set it to 0")
     if cfg.judge_batch_size and "reference" in template_fields(cfg.judge.resolved_template()):
         raise ConfigError(f"stages.{ctx.slot}.judge_batch_size: judging examples have no {{reference}} answer to fill the template with; set it to 0")

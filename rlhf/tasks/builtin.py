@@ -44,7 +44,10 @@ def judge_verdict(prompt: str, response: str) -> str:
     It first checks the answer step by step where a check is local: for path the first node
     against the start, each hop against the edge list, the last node against the goal
     (`a+ ab+ bf- f+`); for arrange each pair of neighbours (`ab-`: alphabet neighbours side
-    by side) and whether it uses the prompt's letters once each (`=+`). `+` holds, `-` fails.
+    by side), then each prompt letter and whether the answer holds it (`c-`: it does not), then
+    whether the answer has as many letters as the prompt (`=+`): all of these together mean
+    "the prompt's letters, once each", which a small judge did not learn as one check (`=`
+    alone passed every swapped-in letter), and each is a local one. `+` holds, `-` fails.
     Then the score."""
     label = judge_label(score(prompt, response))
     if prompt.startswith("path") and response.isalpha() and response.islower() and 0 < len(response) <= MAX_MARKED_HOPS + 1:
@@ -55,9 +58,12 @@ def judge_verdict(prompt: str, response: str) -> str:
         checks.append(response[-1] + mark(response[-1] == goal))
         return " ".join(checks) + f"\nscore: {label}"
     if prompt.startswith("arrange") and 0 < len(response) <= 16:
-        pairs = [a + b + ("-" if abs(ord(a) - ord(b)) == 1 else "+") for a, b in zip(response, response[1:])]
-        same = sorted(response) == sorted(prompt[len("arrange: ") : -1])
-        return " ".join(pairs + ["=" + ("+" if same else "-")]) + f"\nscore: {label}"
+        letters = prompt[len("arrange: ") : -1]
+        mark = lambda ok: "+" if ok else "-"  # noqa: E731
+        checks = [a + b + mark(abs(ord(a) - ord(b)) != 1) for a, b in zip(response, response[1:])]
+        checks += [c + mark(c in response) for c in letters]
+        checks.append("=" + mark(len(response) == len(letters)))
+        return " ".join(checks) + f"\nscore: {label}"
     return f"score: {label}"
 
 
@@ -273,6 +279,25 @@ class BuiltinTask:
             if out != response:
                 return out
 
+    def letter_slip(self, prompt: str, response: str, rng: random.Random) -> str:
+        """An arrange answer with the letter mistakes the SFT model makes (measured on its own
+        samples: 601 of 806 wrong-letter answers keep the length): a letter swapped for an
+        alphabet neighbour that is not in the prompt (`n` -> `o`), a letter written twice in
+        place of another, a letter dropped, or one written twice more."""
+        letters, chars = prompt[len("arrange: ") : -1], list(response)
+        i = rng.randrange(len(chars))
+        edit = rng.choice(["outside", "outside", "twice", "twice", "drop", "double"])
+        if edit == "outside":
+            near = [c for c in (chr(ord(chars[i]) - 1), chr(ord(chars[i]) + 1)) if "a" <= c <= "z" and c not in letters]
+            chars[i] = rng.choice(near or [c for c in string.ascii_lowercase if c not in letters])
+        elif edit == "twice" and len(chars) > 1:
+            chars[i] = rng.choice([c for j, c in enumerate(chars) if j != i])
+        elif edit == "drop" and len(chars) > 1:
+            del chars[i]
+        else:
+            chars.insert(i, chars[i])
+        return "".join(chars)
+
     def preference_pair(self, rng: random.Random) -> PreferencePair:
         """Offline preference data: the correct answer over a near miss (one the verifier scores
         below 1: in arrange a swap can give another right ordering)."""
@@ -290,7 +315,8 @@ class BuiltinTask:
         turn followed by the goal (40%: a model that has learned to copy the goal but not to
         choose the branch writes these, and a judge that only checks the form would pass them),
         a walk down another branch (15%) or a near miss (15%); for arrange the first right
-        ordering (30%), a shuffle of it (45%: right or wrong by chance) or a near miss (25%)."""
+        ordering (30%), a shuffle of it (20%: right or wrong by chance) or a letter slip (50%,
+        `letter_slip`, of the right ordering or of a shuffle)."""
         right, u = answer(prompt), rng.random()
         if u < 0.3:
             return right
@@ -303,8 +329,10 @@ class BuiltinTask:
                     walk += nxt[0]
                 return walk if u < 0.45 else walk + right[2:]
             return self.corrupt(prompt, right, rng)
-        if prompt.startswith("arrange") and u < 0.75:
-            return "".join(rng.sample(right, len(right)))  # an ordering, usually with neighbours
+        if prompt.startswith("arrange"):
+            if u < 0.5:
+                return "".join(rng.sample(right, len(right)))  # an ordering, usually with neighbours
+            return self.letter_slip(prompt, right if u < 0.8 else "".join(rng.sample(right, len(right))), rng)
         if u < 0.5:
             other = self.train_prompt(rng)
             while other[:4] != prompt[:4] or answer(other) == right:
@@ -317,5 +345,9 @@ class BuiltinTask:
         """Teaches judging: the judge template filled with a prompt and a candidate
         (`judge_candidate`), and the verdict `judge_verdict` writes for it."""
         prompt = self.train_prompt(rng)
-        candidate = self.judge_candidate(prompt, rng)
+        return self.judging_example(prompt, self.judge_candidate(prompt, rng), template)
+
+    def judging_example(self, prompt: str, candidate: str, template: str = DEFAULT_JUDGE_TEMPLATE) -> SFTExample:
+        """The judging example for a given candidate (one of the model's own answers, say): the
+        template filled with prompt and candidate, and the verdict `judge_verdict` writes."""
         return SFTExample(template.format(prompt=prompt, response=candidate), judge_verdict(prompt, candidate))
