@@ -6,7 +6,9 @@ Writes benchmarks/results/sft.json. For each model size it times
   - `stage`: the SFT stage's own code path (rlhf.training.fit + NLLModule: step-indexed
     data, Lightning Trainer, checkpoint callback, per-step seeding, logging), and
   - `bare`: a plain x-transformers forward/backward/AdamW loop on the same batches,
-so the ratio stage/bare is the framework's overhead. MFU = achieved FLOP/s over the
+so the ratio stage/bare is the framework's overhead; `length_buckets`: one SFT batch of the
+self_reward recipe (arrange answers and judging examples, half each) through the padded NLL
+and through `bucketed_response_nll`, seconds per forward+backward. MFU = achieved FLOP/s over the
 fp32 matmul peak measured in the same process. FLOPs per token = 6 * (matmul params)
 + 12 * layers * dim * seq_len (attention scores and values, forward + backward).
 """
@@ -27,7 +29,7 @@ from rlhf.config import StageConfig, TrainerConfig
 from rlhf.logprobs import response_nll
 from rlhf.model import CausalLM, ModelConfig
 from rlhf.sampling import SamplingConfig, generate
-from rlhf.training import NLLModule, adamw_with_schedule, fit
+from rlhf.training import NLLModule, adamw_with_schedule, bucketed_response_nll, fit
 
 VOCAB = 98
 
@@ -115,11 +117,42 @@ def bench_generation(cfg: ModelConfig, batch: int, lengths: list[int]) -> list[d
     return rows
 
 
+def bench_length_buckets(steps: int, warmup: int) -> dict:
+    import random
+
+    from rlhf.sampling import join_prompt_response
+    from rlhf.tasks import TaskConfig
+    from rlhf.tasks.builtin import ALPHABET, BuiltinTask
+
+    task = BuiltinTask(TaskConfig(families=["arrange"], arrange_min_len=7, arrange_max_len=10))
+    encode = lambda text: [2 + ALPHABET.index(c) for c in text]  # noqa: E731
+    rng = random.Random(0)
+    examples = [task.judge_example(rng) if rng.random() < 0.5 else task.sft_example(rng) for _ in range(64)]
+    tokens, mask = join_prompt_response([encode(e.prompt) for e in examples], [encode(e.response) + [1] for e in examples], 0)
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(), VOCAB)
+    result = {"batch": tokens.shape[0], "padded_width": tokens.shape[1]}
+    for name, loss_fn in (("padded_s", lambda: response_nll(model(tokens), tokens, mask)), ("bucketed_s", lambda: bucketed_response_nll(model, tokens, mask))):
+        times = []
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            loss_fn().backward()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        result[name] = sum(times) / len(times)
+    result["speedup"] = result["padded_s"] / result["bucketed_s"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test, not a measurement)")
+    parser.add_argument("--only-buckets", action="store_true", help="only the length-bucket comparison (writes sft_buckets.json)")
     args = parser.parse_args()
     steps, warmup = (2, 1) if args.quick else (8, 2)
+    if args.only_buckets:
+        write_result("sft_buckets", {"machine": machine(), "length_buckets": bench_length_buckets(steps, warmup)})
+        return
     peak = matmul_peak_gflops()
     sizes = {
         "small (default, ~1.5M)": (ModelConfig(), 32, 256),
@@ -139,7 +172,8 @@ def main() -> None:
             "stage_over_bare": bare_s / stage_s,
         })
     generation = bench_generation(ModelConfig(), 16, [32, 64, 128] if args.quick else [32, 64, 128, 256])
-    write_result("sft", {"machine": machine(), "fp32_matmul_peak_gflops": peak, "training": training, "generation": generation})
+    buckets = bench_length_buckets(steps, warmup)
+    write_result("sft", {"machine": machine(), "fp32_matmul_peak_gflops": peak, "training": training, "generation": generation, "length_buckets": buckets})
 
 
 if __name__ == "__main__":

@@ -357,10 +357,13 @@ def own_judging_examples(task, rows: list[dict], n: int, rng, template: str) -> 
     from the candidates the verifier scores below 1, half from the rest (all from one side when
     the other is empty), each labelled with `task.judging_example`'s verdict. A pure function of
     (rows, rng). Raises ValueError if the rows hold no candidate."""
-    wrong = [(row["prompt"], c["response"]) for row in rows for c in row["candidates"] if c.get("verifier") is not None and c["verifier"] < 1.0]
-    right = [(row["prompt"], c["response"]) for row in rows for c in row["candidates"] if not (c.get("verifier") is not None and c["verifier"] < 1.0)]
-    if not wrong and not right:
-        raise ValueError("a round with no candidate has no judging examples")
+    wrong, right = [], []
+    for row in rows:
+        for c in row["candidates"]:
+            is_wrong = c.get("verifier") is not None and c["verifier"] < 1.0
+            (wrong if is_wrong else right).append((row["prompt"], c["response"]))
     pools = [pool for pool in (wrong, right) if pool]
+    if not pools:
+        raise ValueError("a round with no candidate has no judging examples")
     picks = [rng.choice(pools[i % len(pools)]) for i in range(n)]
     return [task.judging_example(prompt, response, template) for prompt, response in picks]

@@ -78,7 +78,6 @@ class EFTModule(L.LightningModule):
             self.log("eft/wrong_share", wrong / max(total, 1))
         return self.rows
 
-    @torch.no_grad()
     def _sample(self) -> list[dict]:
         cfg, task = self.cfg, self.ctx.task
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -88,10 +87,7 @@ class EFTModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(cfg.num_candidates)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "eft_sample", rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        was_training = self.policy.training
-        self.policy.eval()
         responses = generate_text(self.policy, self.ctx.tokenizer, repeated, sampling, cfg.generation_batch_size, generator)
-        self.policy.train(was_training)
         k = cfg.num_candidates
         rows = [
             {"index": i, "prompt": prompts[i], "candidates": [{"response": r, "verifier": task.score(prompts[i], r)} for r in responses[j * k : (j + 1) * k]]}
