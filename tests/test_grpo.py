@@ -79,6 +79,14 @@ def test_dr_grpo_with_kl_penalty_memmap_and_lora(tmp_path):
     assert not any((ctx.stage_dir / "rollout_buffer").rglob("*.npy"))  # each rollout's files are removed after its updates
 
 
+def test_gspo_sequence_ratio_with_clip_higher_runs_several_updates(tmp_path):
+    # GSPO's sequence-level ratio and DAPO's clip-higher, with 2 epochs of 2 minibatches (ratios != 1)
+    ctx = make_ctx(tmp_path, max_steps=2, ratio_level="sequence", clip_eps_high=0.28, minibatch_size=8, ppo_epochs=2, **SMALL)
+    grpo.run(ctx)
+    rows = history(ctx)
+    assert len(rows) == 2 and all(0.0 <= r["train/clip_fraction"] <= 1.0 for r in rows)
+
+
 def test_micro_batches_add_up_to_the_minibatch(tmp_path):
     stage = dict(SMALL, max_steps=1, lr=1e-4)  # small steps: Adam turns float noise in near-zero gradients into lr-sized steps
     whole, split = make_ctx(tmp_path / "whole", **stage), make_ctx(tmp_path / "split", micro_batch_size=4, **stage)
@@ -103,7 +111,8 @@ def test_bad_settings_fail_before_training(tmp_path):
     from rlhf.errors import ConfigError
 
     for bad, match in ((dict(advantage="ppo"), "advantage"), (dict(group_size=1), "group_size"), (dict(minibatch_size=5), "multiple"),
-                       (dict(micro_batch_size=3), "micro_batch_size")):
+                       (dict(micro_batch_size=3), "micro_batch_size"), (dict(ratio_level="sentence"), "ratio_level"),
+                       (dict(clip_eps_high=-0.1), "clip_eps_high")):
         with pytest.raises(ConfigError, match=match):
             grpo.run(make_ctx(tmp_path, **{**SMALL, **bad}))
 

@@ -409,3 +409,33 @@ def test_whitening_equal_entries_gives_exactly_zero():
     # shift_mean=False keeps the values (only the scale would change, and there is none)
     assert torch.allclose(masked_whiten(x, mask, shift_mean=False), torch.where(mask.bool(), x, torch.zeros_like(x)))
     assert spread_vanishes(1e-9, 0.6) and not spread_vanishes(1e-3, 0.6) and spread_vanishes(1e-4, 1e3)
+
+
+def test_grpo_clip_higher_hand_computed():
+    # DAPO clip-higher, eps_low 0.2, eps_high 0.28: ratio e^0.25 = 1.2840 with A = +1 is clipped
+    # at 1.28 (not 1.2); ratio e^-0.3 = 0.7408 with A = -1 is clipped at 0.8
+    logp = torch.tensor([[0.25], [-0.3]], requires_grad=True)
+    old = torch.zeros(2, 1)
+    loss, stats = grpo_policy_loss(logp, old, torch.tensor([1.0, -1.0]), torch.ones(2, 1), 0.2, "grpo", clip_eps_high=0.28)
+    assert loss.item() == pytest.approx((-1.28 + 0.8) / 2, abs=1e-6)
+    assert stats["clip_fraction"].item() == 1.0
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))  # both clipped: no gradient
+    # without clip_eps_high the upper clip is 1.2
+    sym, _ = grpo_policy_loss(logp.detach(), old, torch.tensor([1.0, -1.0]), torch.ones(2, 1), 0.2, "grpo")
+    assert sym.item() == pytest.approx((-1.2 + 0.8) / 2, abs=1e-6)
+
+
+def test_gspo_sequence_ratio_hand_computed():
+    # sequence 1: log-ratios [0.1, 0.3] -> mean 0.2, s = e^0.2 = 1.221403, A = +1: clipped at 1.2 -> -1.2
+    # sequence 2: log-ratio [-0.1] (second token padding), s = e^-0.1 = 0.904837, A = -1 -> +0.904837
+    logp = torch.tensor([[0.1, 0.3], [-0.1, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, stats = grpo_policy_loss(logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), mask, 0.2, "grpo", ratio_level="sequence")
+    assert loss.item() == pytest.approx((-1.2 + math.exp(-0.1)) / 2, abs=1e-6)
+    assert stats["clip_fraction"].item() == 0.5
+    loss.backward()
+    # d/dlogp of 0.5 * (-A * s) with s = exp(mean): 0.5 * s / |y| on sequence 2's one token; sequence 1 clipped
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0], [0.5 * math.exp(-0.1), 0.0]]), atol=1e-6)
+    with pytest.raises(ValueError, match="ratio_level"):
+        grpo_policy_loss(logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), mask, 0.2, "grpo", ratio_level="sentence")

@@ -124,11 +124,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, advantages + values
 
 
-def _clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float) -> tuple[Tensor, Tensor]:
-    """Per-token PPO surrogate max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) and where the clip is active."""
-    ratio = torch.exp(logp - old_logp)
+def _clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip_eps: float, clip_eps_high: float | None = None) -> tuple[Tensor, Tensor]:
+    """PPO surrogate max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)) of log_ratio = logp - old_logp
+    (eps_high = eps unless given: DAPO's clip-higher), and where the clip is active."""
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high))
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
@@ -158,7 +159,7 @@ def ppo_policy_loss(
         policy's samples: exp(logp - old_logp) - 1 - (logp - old_logp).
         The two metrics are detached.
     """
-    per_token, clip_active = _clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    per_token, clip_active = _clipped_surrogate(logp - old_logp, advantages, clip_eps)
     loss = masked_mean(per_token, mask)
     clip_fraction = masked_mean(clip_active.to(per_token.dtype), mask).detach()
     approx_kl = masked_mean(kl_estimate(old_logp, logp, "k3"), mask).detach()
@@ -315,6 +316,8 @@ def grpo_policy_loss(
     max_len: int | None = None,
     ref_logp: Tensor | None = None,
     kl_coef: float = 0.0,
+    clip_eps_high: float | None = None,
+    ratio_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level clipped surrogate with one advantage per sequence (GRPO family).
 
@@ -325,6 +328,13 @@ def grpo_policy_loss(
       mean over tokens (Shao et al. 2024).
     - "dr_grpo": mean over sequences of the masked SUM over tokens divided by the
       constant max_len (T if None), removing the length bias (Liu et al. 2025).
+    clip_eps_high (DAPO's clip-higher, Yu et al. 2025; TRL's `epsilon_high`): the upper clip is
+    1 + clip_eps_high instead of 1 + clip_eps (DAPO: 0.2 low, 0.28 high), so unlikely tokens
+    with a positive advantage can grow. ratio_level="sequence" (GSPO, Zheng et al. 2025; TRL's
+    `importance_sampling_level="sequence"`): one ratio per sequence,
+    s = exp(masked mean over tokens of (logp - old_logp)), and the per-sequence loss
+    max(-A * s, -A * clip(s, 1 - eps, 1 + eps_high)) [+ kl_coef * masked mean of k3],
+    averaged over sequences whatever the kind (the kind still chooses the advantages).
 
     Args:
         logp, old_logp, mask: (B, T); ref_logp: (B, T) or None.
@@ -333,21 +343,30 @@ def grpo_policy_loss(
         kl_coef: weight of the k3 penalty, applied when ref_logp is given and kl_coef > 0.
 
     Returns:
-        (loss, metrics) with detached metrics "clip_fraction" (over valid tokens)
-        and, when ref_logp is given, "kl" (masked mean of k3 over valid tokens).
+        (loss, metrics) with detached metrics "clip_fraction" (over valid tokens; over
+        sequences when ratio_level="sequence") and, when ref_logp is given, "kl" (masked
+        mean of k3 over valid tokens).
     """
     if kind not in GRPO_LOSS_KINDS:
         raise ValueError(f"unknown GRPO loss kind {kind!r}; valid: {', '.join(GRPO_LOSS_KINDS)}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must have shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
-    per_token, clip_active = _clipped_surrogate(logp, old_logp, advantages.unsqueeze(1), clip_eps)
-
+    if ratio_level not in ("token", "sequence"):
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
     metrics: dict[str, Tensor] = {}
-    if ref_logp is not None:
-        kl = kl_estimate(logp, ref_logp, "k3")
+    kl = kl_estimate(logp, ref_logp, "k3") if ref_logp is not None else None
+    if kl is not None:
         metrics["kl"] = masked_mean(kl, mask).detach()
-        if kl_coef > 0:
-            per_token = per_token + kl_coef * kl
+    if ratio_level == "sequence":
+        # GSPO: the length-normalised sequence ratio, clipped once per sequence
+        per_sequence, clip_active = _clipped_surrogate(masked_mean(logp - old_logp, mask, dim=1), advantages, clip_eps, clip_eps_high)
+        if kl is not None and kl_coef > 0:
+            per_sequence = per_sequence + kl_coef * masked_mean(kl, mask, dim=1)
+        metrics["clip_fraction"] = clip_active.to(per_sequence.dtype).mean().detach()
+        return per_sequence.mean(), metrics
+    per_token, clip_active = _clipped_surrogate(logp - old_logp, advantages.unsqueeze(1), clip_eps, clip_eps_high)
+    if kl is not None and kl_coef > 0:
+        per_token = per_token + kl_coef * kl
 
     if kind == "dr_grpo":
         divisor = logp.shape[1] if max_len is None else max_len

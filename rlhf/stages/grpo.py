@@ -9,6 +9,10 @@ KL is measured and logged anyway unless `track_kl` is off). `ppo_epochs` passes 
 `minibatch_size`-row minibatches per rollout, like PPO; the default is one update per
 rollout, as in DeepSeekMath.
 
+Variants as settings: DAPO's clip-higher (`clip_eps_high`, Yu et al. 2025) and GSPO's
+sequence-level ratio (`ratio_level: sequence`, Zheng et al. 2025), named as in TRL's
+`epsilon_high` and `importance_sampling_level`; see grpo_policy_loss.
+
 RLOO is a setting of this stage, not a separate kind, because stages never import each
 other and a second module would copy this one:
 
@@ -79,6 +83,8 @@ class Config(StageConfig):
     reward_fn: Optional[str] = "rlhf.tasks.builtin.verifier_reward"
     reward_slot: Optional[str] = None  # an earlier reward_model slot; replaces reward_fn when set
     clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None  # DAPO's clip-higher (0.28 in the paper); None: clip_eps
+    ratio_level: str = "token"  # token | sequence (GSPO: one length-normalised ratio per response)
     kl_coef: float = 0.0  # k3 penalty to the reference inside the loss
     track_kl: bool = True  # measure the KL to the reference even when kl_coef is 0
     buffer: str = "memory"  # memory | memmap
@@ -196,6 +202,7 @@ class GRPOModule(L.LightningModule):
         loss, stats = grpo_policy_loss(
             logprobs, old_logprobs, mb["advantages"], mask, cfg.clip_eps, cfg.advantage,
             max_len=cfg.max_new_tokens, ref_logp=mb.get("ref_logprobs"), kl_coef=cfg.kl_coef,
+            clip_eps_high=cfg.clip_eps_high, ratio_level=cfg.ratio_level,
         )
         with torch.no_grad():
             parts["rollout/entropy"] = float(masked_mean(entropy_from_logits(logits[:, :-1].float() / cfg.temperature), mask))
@@ -261,6 +268,10 @@ def check_config(ctx: StageContext) -> None:
         raise ConfigError(f"stages.{ctx.slot}.advantage={cfg.advantage!r} is not one of: {', '.join(GROUP_ADVANTAGE_KINDS)}")
     if cfg.group_size < 2:
         raise ConfigError(f"stages.{ctx.slot}.group_size must be >= 2 (advantages are relative to the group)")
+    if cfg.ratio_level not in ("token", "sequence"):
+        raise ConfigError(f"stages.{ctx.slot}.ratio_level={cfg.ratio_level!r} is not one of: token, sequence")
+    if cfg.clip_eps_high is not None and cfg.clip_eps_high < 0:
+        raise ConfigError(f"stages.{ctx.slot}.clip_eps_high={cfg.clip_eps_high} must be >= 0")
     rows = cfg.rollout_batch_size * cfg.group_size
     if cfg.minibatch_size is not None and rows % cfg.minibatch_size:
         raise ConfigError(f"stages.{ctx.slot}: rollout_batch_size * group_size = {rows} must be a multiple of minibatch_size={cfg.minibatch_size}")
