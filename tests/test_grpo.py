@@ -87,8 +87,10 @@ def test_gspo_sequence_ratio_with_clip_higher_runs_several_updates(tmp_path):
     assert len(rows) == 2 and all(0.0 <= r["train/clip_fraction"] <= 1.0 for r in rows)
 
 
-def test_micro_batches_add_up_to_the_minibatch(tmp_path):
-    stage = dict(SMALL, max_steps=1, lr=1e-4)  # small steps: Adam turns float noise in near-zero gradients into lr-sized steps
+@pytest.mark.parametrize("loss_type", [None, "dapo"])
+def test_micro_batches_add_up_to_the_minibatch(tmp_path, loss_type):
+    # rows weigh a sequence-mean loss, tokens a token-level (dapo) one
+    stage = dict(SMALL, max_steps=1, lr=1e-4, loss_type=loss_type)  # small steps: Adam turns float noise in near-zero gradients into lr-sized steps
     whole, split = make_ctx(tmp_path / "whole", **stage), make_ctx(tmp_path / "split", micro_batch_size=4, **stage)
     grpo.run(whole)
     grpo.run(split)
@@ -112,7 +114,7 @@ def test_bad_settings_fail_before_training(tmp_path):
 
     for bad, match in ((dict(advantage="ppo"), "advantage"), (dict(group_size=1), "group_size"), (dict(minibatch_size=5), "multiple"),
                        (dict(micro_batch_size=3), "micro_batch_size"), (dict(ratio_level="sentence"), "ratio_level"),
-                       (dict(clip_eps_high=-0.1), "clip_eps_high")):
+                       (dict(clip_eps_high=-0.1), "clip_eps_high"), (dict(loss_type="bnpo"), "loss_type")):
         with pytest.raises(ConfigError, match=match):
             grpo.run(make_ctx(tmp_path, **{**SMALL, **bad}))
 

@@ -439,3 +439,15 @@ def test_gspo_sequence_ratio_hand_computed():
     assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0], [0.5 * math.exp(-0.1), 0.0]]), atol=1e-6)
     with pytest.raises(ValueError, match="ratio_level"):
         grpo_policy_loss(logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), mask, 0.2, "grpo", ratio_level="sentence")
+
+
+def test_dapo_token_level_loss_hand_computed():
+    # ratio 1 everywhere, so each valid token's loss is -A: sequence 1 (2 tokens, A = +1) gives
+    # -1, -1; sequence 2 (1 token, A = -1) gives +1. DAPO averages the 3 tokens: -1/3; GRPO
+    # averages the sequences' means: (-1 + 1) / 2 = 0
+    logp = torch.zeros(2, 2)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    dapo, _ = grpo_policy_loss(logp, logp, adv, mask, 0.2, "dapo")
+    grpo, _ = grpo_policy_loss(logp, logp, adv, mask, 0.2, "grpo")
+    assert dapo.item() == pytest.approx(-1 / 3) and grpo.item() == pytest.approx(0.0)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 KL_KINDS = ("k1", "k2", "k3")
 GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
-GRPO_LOSS_KINDS = ("grpo", "dr_grpo", "rloo", "reinforce")
+GRPO_LOSS_KINDS = ("grpo", "dr_grpo", "rloo", "reinforce", "dapo")
 # A spread this small relative to the values' magnitude is rounding, not signal: equal float32
 # rewards leave r - mean ~ 1e-8, which a division by (std + eps) or rsqrt(var + eps) blows up to
 # advantages of ~1e-2 and a gradient as large as a real step.
@@ -328,6 +328,9 @@ def grpo_policy_loss(
       mean over tokens (Shao et al. 2024).
     - "dr_grpo": mean over sequences of the masked SUM over tokens divided by the
       constant max_len (T if None), removing the length bias (Liu et al. 2025).
+    - "dapo": the masked mean over ALL valid tokens of the batch (DAPO's token-level loss,
+      Yu et al. 2025; TRL's loss_type="dapo", which divides by the tokens of the whole global
+      batch: under DDP ours divides by each process's tokens and averages the processes).
     clip_eps_high (DAPO's clip-higher, Yu et al. 2025; TRL's `epsilon_high`): the upper clip is
     1 + clip_eps_high instead of 1 + clip_eps (DAPO: 0.2 low, 0.28 high), so unlikely tokens
     with a positive advantage can grow. ratio_level="sequence" (GSPO, Zheng et al. 2025; TRL's
@@ -368,6 +371,9 @@ def grpo_policy_loss(
     if kl is not None and kl_coef > 0:
         per_token = per_token + kl_coef * kl
 
+    metrics["clip_fraction"] = masked_mean(clip_active.to(per_token.dtype), mask).detach()
+    if kind == "dapo":  # every valid token of the batch weighs the same
+        return masked_mean(per_token, mask), metrics
     if kind == "dr_grpo":
         divisor = logp.shape[1] if max_len is None else max_len
         if divisor <= 0:
@@ -375,5 +381,4 @@ def grpo_policy_loss(
         per_sequence = masked_sum(per_token, mask, dim=1) / divisor
     else:
         per_sequence = masked_mean(per_token, mask, dim=1)
-    metrics["clip_fraction"] = masked_mean(clip_active.to(per_token.dtype), mask).detach()
     return per_sequence.mean(), metrics

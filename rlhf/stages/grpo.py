@@ -9,7 +9,8 @@ KL is measured and logged anyway unless `track_kl` is off). `ppo_epochs` passes 
 `minibatch_size`-row minibatches per rollout, like PPO; the default is one update per
 rollout, as in DeepSeekMath.
 
-Variants as settings: DAPO's clip-higher (`clip_eps_high`, Yu et al. 2025) and GSPO's
+Variants as settings: DAPO's clip-higher (`clip_eps_high`) and token-level loss
+(`loss_type: dapo`, Yu et al. 2025), and GSPO's
 sequence-level ratio (`ratio_level: sequence`, Zheng et al. 2025), named as in TRL's
 `epsilon_high` and `importance_sampling_level`; see grpo_policy_loss.
 
@@ -37,7 +38,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
 from rlhf.lora import disabled_adapters, has_lora
-from rlhf.losses.policy_gradient import GROUP_ADVANTAGE_KINDS, entropy_from_logits, group_advantages, grpo_policy_loss, masked_mean
+from rlhf.losses.policy_gradient import GROUP_ADVANTAGE_KINDS, GRPO_LOSS_KINDS, entropy_from_logits, group_advantages, grpo_policy_loss, masked_mean
 from rlhf.model import frozen_copy
 from rlhf.rollout import (
     check_sampled_logprobs,
@@ -77,6 +78,7 @@ class Config(StageConfig):
     micro_batch_size: Optional[int] = None  # rows per forward/backward inside a minibatch (less memory); None = all
     ppo_epochs: int = 1
     advantage: str = "grpo"  # grpo | dr_grpo | rloo (also selects the loss aggregation)
+    loss_type: Optional[str] = None  # the loss aggregation if not the advantage's: dapo (token-level), grpo, dr_grpo, rloo
     generation_batch_size: int = 128  # rows per generate() call on one process
     max_new_tokens: int = 24
     temperature: float = 1.0
@@ -200,7 +202,7 @@ class GRPOModule(L.LightningModule):
         else:
             old_logprobs = mb["old_logprobs"]
         loss, stats = grpo_policy_loss(
-            logprobs, old_logprobs, mb["advantages"], mask, cfg.clip_eps, cfg.advantage,
+            logprobs, old_logprobs, mb["advantages"], mask, cfg.clip_eps, cfg.loss_type or cfg.advantage,
             max_len=cfg.max_new_tokens, ref_logp=mb.get("ref_logprobs"), kl_coef=cfg.kl_coef,
             clip_eps_high=cfg.clip_eps_high, ratio_level=cfg.ratio_level,
         )
@@ -227,10 +229,11 @@ class GRPOModule(L.LightningModule):
                 total_tokens = float(mb["response_mask"][:, 1:].sum().clamp(min=1))
                 opt.zero_grad()
                 for part in torch.arange(len(idx)).split(micro):
-                    # the loss is a mean over sequences: micro-batches weighted by rows add up exactly;
-                    # the per-token metrics are weighted by tokens
+                    # the loss is a mean over sequences (over tokens for dapo): micro-batches weighted by
+                    # rows (tokens) add up exactly; the per-token metrics are weighted by tokens
                     chunk = trim({k: v[part].to(self.device) for k, v in mb.items()})
                     weight, token_weight = len(part) / len(idx), float(chunk["response_mask"][:, 1:].sum()) / total_tokens
+                    weight = token_weight if cfg.loss_type == "dapo" else weight
                     loss, parts = self.minibatch_loss(chunk)
                     check_finite(loss, self.ctx.slot, step)
                     self.manual_backward(loss * weight)
@@ -268,6 +271,8 @@ def check_config(ctx: StageContext) -> None:
         raise ConfigError(f"stages.{ctx.slot}.advantage={cfg.advantage!r} is not one of: {', '.join(GROUP_ADVANTAGE_KINDS)}")
     if cfg.group_size < 2:
         raise ConfigError(f"stages.{ctx.slot}.group_size must be >= 2 (advantages are relative to the group)")
+    if cfg.loss_type is not None and cfg.loss_type not in GRPO_LOSS_KINDS:
+        raise ConfigError(f"stages.{ctx.slot}.loss_type={cfg.loss_type!r} is not one of: {', '.join(GRPO_LOSS_KINDS)}")
     if cfg.ratio_level not in ("token", "sequence"):
         raise ConfigError(f"stages.{ctx.slot}.ratio_level={cfg.ratio_level!r} is not one of: token, sequence")
     if cfg.clip_eps_high is not None and cfg.clip_eps_high < 0:
