@@ -114,7 +114,8 @@ def test_bad_settings_fail_before_training(tmp_path):
 
     for bad, match in ((dict(advantage="ppo"), "advantage"), (dict(group_size=1), "group_size"), (dict(minibatch_size=5), "multiple"),
                        (dict(micro_batch_size=3), "micro_batch_size"), (dict(ratio_level="sentence"), "ratio_level"),
-                       (dict(clip_eps_high=-0.1), "clip_eps_high"), (dict(loss_type="bnpo"), "loss_type")):
+                       (dict(clip_eps_high=-0.1), "clip_eps_high"), (dict(loss_type="bnpo"), "loss_type"),
+                       (dict(loss_type="dapo", ratio_level="sequence"), "choose one")):
         with pytest.raises(ConfigError, match=match):
             grpo.run(make_ctx(tmp_path, **{**SMALL, **bad}))
 

@@ -439,6 +439,8 @@ def test_gspo_sequence_ratio_hand_computed():
     assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0], [0.5 * math.exp(-0.1), 0.0]]), atol=1e-6)
     with pytest.raises(ValueError, match="ratio_level"):
         grpo_policy_loss(logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), mask, 0.2, "grpo", ratio_level="sentence")
+    with pytest.raises(ValueError, match="choose one"):  # token-level averaging has no meaning for one ratio per sequence
+        grpo_policy_loss(logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), mask, 0.2, "dapo", ratio_level="sequence")
 
 
 def test_dapo_token_level_loss_hand_computed():

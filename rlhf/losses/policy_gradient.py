@@ -17,6 +17,7 @@ from torch import Tensor
 KL_KINDS = ("k1", "k2", "k3")
 GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
 GRPO_LOSS_KINDS = ("grpo", "dr_grpo", "rloo", "reinforce", "dapo")
+RATIO_LEVELS = ("token", "sequence")  # one importance ratio per token (PPO, GRPO) or per sequence (GSPO)
 # A spread this small relative to the values' magnitude is rounding, not signal: equal float32
 # rewards leave r - mean ~ 1e-8, which a division by (std + eps) or rsqrt(var + eps) blows up to
 # advantages of ~1e-2 and a gradient as large as a real step.
@@ -354,8 +355,10 @@ def grpo_policy_loss(
         raise ValueError(f"unknown GRPO loss kind {kind!r}; valid: {', '.join(GRPO_LOSS_KINDS)}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must have shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
-    if ratio_level not in ("token", "sequence"):
-        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {', '.join(RATIO_LEVELS)}, got {ratio_level!r}")
+    if ratio_level == "sequence" and kind == "dapo":
+        raise ValueError("kind='dapo' averages over tokens and ratio_level='sequence' over sequences: choose one")
     metrics: dict[str, Tensor] = {}
     kl = kl_estimate(logp, ref_logp, "k3") if ref_logp is not None else None
     if kl is not None:

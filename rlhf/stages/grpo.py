@@ -38,7 +38,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
 from rlhf.lora import disabled_adapters, has_lora
-from rlhf.losses.policy_gradient import GROUP_ADVANTAGE_KINDS, GRPO_LOSS_KINDS, entropy_from_logits, group_advantages, grpo_policy_loss, masked_mean
+from rlhf.losses.policy_gradient import GROUP_ADVANTAGE_KINDS, GRPO_LOSS_KINDS, RATIO_LEVELS, entropy_from_logits, group_advantages, grpo_policy_loss, masked_mean
 from rlhf.model import frozen_copy
 from rlhf.rollout import (
     check_sampled_logprobs,
@@ -273,8 +273,10 @@ def check_config(ctx: StageContext) -> None:
         raise ConfigError(f"stages.{ctx.slot}.group_size must be >= 2 (advantages are relative to the group)")
     if cfg.loss_type is not None and cfg.loss_type not in GRPO_LOSS_KINDS:
         raise ConfigError(f"stages.{ctx.slot}.loss_type={cfg.loss_type!r} is not one of: {', '.join(GRPO_LOSS_KINDS)}")
-    if cfg.ratio_level not in ("token", "sequence"):
-        raise ConfigError(f"stages.{ctx.slot}.ratio_level={cfg.ratio_level!r} is not one of: token, sequence")
+    if cfg.ratio_level not in RATIO_LEVELS:
+        raise ConfigError(f"stages.{ctx.slot}.ratio_level={cfg.ratio_level!r} is not one of: {', '.join(RATIO_LEVELS)}")
+    if cfg.ratio_level == "sequence" and cfg.loss_type == "dapo":
+        raise ConfigError(f"stages.{ctx.slot}: loss_type=dapo averages over tokens, ratio_level=sequence over sequences; choose one")
     if cfg.clip_eps_high is not None and cfg.clip_eps_high < 0:
         raise ConfigError(f"stages.{ctx.slot}.clip_eps_high={cfg.clip_eps_high} must be >= 0")
     rows = cfg.rollout_batch_size * cfg.group_size

@@ -38,6 +38,11 @@ def judge_label(score: float) -> int:
     return 5 if score == 1.0 else min(4, int(5 * score + 0.5))
 
 
+def mark(ok: bool) -> str:
+    """A judge check's mark: `+` holds, `-` fails."""
+    return "+" if ok else "-"
+
+
 def judge_verdict(prompt: str, response: str) -> str:
     """What the built-in task's judge writes after the template: `score: N` (N = judge_label).
 
@@ -52,14 +57,12 @@ def judge_verdict(prompt: str, response: str) -> str:
     label = judge_label(score(prompt, response))
     if prompt.startswith("path") and response.isalpha() and response.islower() and 0 < len(response) <= MAX_MARKED_HOPS + 1:
         _, start, goal = parse_path_prompt(prompt)
-        mark = lambda ok: "+" if ok else "-"  # noqa: E731
         checks = [response[0] + mark(response[0] == start)]
         checks += [hop + mark(ok) for hop, ok in path_hops(prompt, response)]
         checks.append(response[-1] + mark(response[-1] == goal))
         return " ".join(checks) + f"\nscore: {label}"
     if prompt.startswith("arrange") and 0 < len(response) <= 16:
         letters = prompt[len("arrange: ") : -1]
-        mark = lambda ok: "+" if ok else "-"  # noqa: E731
         checks = [a + b + mark(abs(ord(a) - ord(b)) != 1) for a, b in zip(response, response[1:])]
         checks += [c + mark(c in response) for c in letters]
         checks.append("=" + mark(len(response) == len(letters)))
