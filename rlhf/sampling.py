@@ -108,6 +108,14 @@ def generate(
     return Generation(out_tokens, out_logprobs, out_mask)
 
 
+def encode_examples(tokenizer, examples, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`join_prompt_response` of (prompt, response) examples (anything with .prompt and
+    .response text), each response closed by EOS: the (B, T) tokens and response mask SFT trains on."""
+    return join_prompt_response(
+        [tokenizer.encode(e.prompt) for e in examples], [tokenizer.encode(e.response) + [tokenizer.eos_id] for e in examples], tokenizer.pad_id, device
+    )
+
+
 def join_prompt_response(
     prompts: list[list[int]], responses: list[list[int]], pad_id: int, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from rlhf.errors import ConfigError
 from rlhf.evaluation import generate_text
 from rlhf.judge import JudgeConfig, own_judging_examples, template_fields
 from rlhf.rounds import gather_rows, load_or_make
-from rlhf.sampling import SamplingConfig, join_prompt_response
+from rlhf.sampling import SamplingConfig, encode_examples
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import adamw_with_schedule, bucketed_response_nll, check_finite, mix_seed
 
@@ -103,7 +103,7 @@ class EFTModule(L.LightningModule):
         examples = own_judging_examples(task, self._rows(), cfg.batch_size - n_answer, rng, cfg.judge.resolved_template())
         examples += [task.sft_example(rng) for _ in range(n_answer)]
         mine = examples[rank::world]
-        tokens, mask = join_prompt_response([tok.encode(e.prompt) for e in mine], [tok.encode(e.response) + [tok.eos_id] for e in mine], tok.pad_id, self.device)
+        tokens, mask = encode_examples(tok, mine, self.device)
         loss = bucketed_response_nll(self.policy, tokens, mask)
         check_finite(loss, self.ctx.slot, self.global_step)
         self.log("train/loss", loss, prog_bar=True)

@@ -74,7 +74,7 @@ from rlhf.rollout import (
     trim,
     write_history,
 )
-from rlhf.sampling import join_prompt_response
+from rlhf.sampling import encode_examples
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import adamw_with_schedule, check_finite, mix_seed
 
@@ -231,7 +231,7 @@ class PPOModule(L.LightningModule):
         tok = self.ctx.tokenizer
         rng = random.Random(mix_seed(self.ctx.seed, "ptx", step, update, self.global_rank))
         examples = [self.ctx.task.sft_example(rng) for _ in range(per_rank(self.cfg.ptx_batch_size, self.trainer.world_size, "ptx_batch_size"))]
-        tokens, mask = join_prompt_response([tok.encode(e.prompt) for e in examples], [tok.encode(e.response) + [tok.eos_id] for e in examples], tok.pad_id, self.device)
+        tokens, mask = encode_examples(tok, examples, self.device)
         return response_nll(self.policy(tokens), tokens, mask)
 
     def minibatch_loss(self, mb: dict[str, torch.Tensor], adv_moments: MaskedMoments) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -67,7 +67,7 @@ from rlhf.preference_batch import (
     preference_loss,
     starting_reference,
 )
-from rlhf.sampling import SamplingConfig, generate, join_prompt_response
+from rlhf.sampling import SamplingConfig, encode_examples, generate, join_prompt_response
 from rlhf.rounds import (
     RoundPairs,
     all_round_rows,
@@ -263,7 +263,7 @@ class SelfRewardModule(L.LightningModule):
         else:
             examples = [self.ctx.task.judge_example(rng, template) for _ in range(self.cfg.judge_batch_size)]
         mine = examples[self.trainer.global_rank :: self.trainer.world_size]
-        tokens, mask = join_prompt_response([tok.encode(e.prompt) for e in mine], [tok.encode(e.response) + [tok.eos_id] for e in mine], tok.pad_id, self.device)
+        tokens, mask = encode_examples(tok, mine, self.device)
         return response_nll(self.policy(tokens), tokens, mask)
 
     def configure_optimizers(self):

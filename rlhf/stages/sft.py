@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from rlhf.config import StageConfig
 from rlhf.stage_context import StageContext, StageResult
-from rlhf.sampling import join_prompt_response
+from rlhf.sampling import encode_examples
 from rlhf.training import EpochSampler, NLLModule, step_rng
 
 KIND = "sft"
@@ -43,9 +43,7 @@ def run(ctx: StageContext) -> StageResult:
 
     def make_batch(step: int, rank: int, world: int):
         shard = draw(step)[rank::world]
-        return join_prompt_response(
-            [tok.encode(e.prompt) for e in shard], [tok.encode(e.response) + [tok.eos_id] for e in shard], tok.pad_id
-        )
+        return encode_examples(tok, shard)
 
     ctx.fit(NLLModule(ctx.policy, cfg, ctx.slot), make_batch)
     return StageResult(ctx.policy)
