@@ -183,7 +183,9 @@ def judge(
     """Judge every (prompt, response) with cfg.num_samples sampled verdicts each (batched, KV cache).
 
     With a `{reference}` template the judge first answers each distinct prompt
-    cfg.num_samples times itself; verdict j of every candidate of that prompt uses answer j."""
+    cfg.num_samples times itself; verdict j of every candidate of that prompt uses answer j.
+    A greedy judge (temperature 0) generates once per distinct filled template and shares
+    that verdict among its repeats."""
     from rlhf.evaluation import generate_text
     from rlhf.sampling import SamplingConfig
 
@@ -199,7 +201,14 @@ def judge(
     refs = [references.get(p, [""] * j) for p in prompts]
     repeated = [template.format(prompt=p, response=r, reference=ref[s]) for p, r, ref in zip(prompts, responses, refs) for s in range(j)]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    texts = generate_text(policy, tokenizer, repeated, sampling, batch_size, generator) if repeated else []
+    if cfg.temperature == 0:
+        # a greedy judge writes one verdict per distinct text: sampled candidates repeat (most
+        # of a confident policy's do), so each distinct one is judged once and the verdict shared
+        distinct = list(dict.fromkeys(repeated))
+        verdicts = dict(zip(distinct, generate_text(policy, tokenizer, distinct, sampling, batch_size, generator))) if distinct else {}
+        texts = [verdicts[t] for t in repeated]
+    else:
+        texts = generate_text(policy, tokenizer, repeated, sampling, batch_size, generator) if repeated else []
     out = []
     for i in range(len(prompts)):
         chunk = texts[i * j : (i + 1) * j]

@@ -151,7 +151,17 @@ def test_arrange_judge_candidates_carry_the_models_letter_slips():
         letters = q[len("arrange: ") : -1]
         kinds["right" if score(q, c) == 1.0 else "ordering" if sorted(c) == sorted(letters) else "letters"] += 1
     # wrong letters are the judge's hard part (a substituted letter kept the length in 601 of 806)
-    assert kinds["letters"] > 240 and kinds["ordering"] > 60 and kinds["right"] > 180
+    assert kinds["letters"] > 210 and kinds["ordering"] > 100 and kinds["right"] > 180
+
+
+def test_neighbour_slip_puts_two_alphabet_neighbours_side_by_side():
+    task = BuiltinTask(TaskConfig(families=["arrange"]))
+    p = "arrange: abdf\n"
+    rng = random.Random(0)
+    slips = {task.neighbour_slip(p, "bdaf", rng) for _ in range(50)}
+    assert slips == {"dabf", "badf"}  # b moved to just after a, or a to just after b
+    assert all(sorted(s) == sorted("abdf") and score(p, s) < 1.0 for s in slips)
+    assert task.neighbour_slip("arrange: aceg\n", "aceg", rng) == "aceg"  # no neighbours to bring together
 
 
 def test_arrange_prompts_are_solvable_and_dense():

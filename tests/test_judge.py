@@ -171,6 +171,26 @@ def test_judge_batches_samples_and_averages():
     assert [j.score for j in out] == [None, None] and [j.failures for j in out] == [2, 2]
 
 
+def test_greedy_judge_generates_each_distinct_candidate_once(monkeypatch):
+    import rlhf.evaluation
+
+    calls = []
+
+    def fake_generate_text(policy, tokenizer, texts, sampling, batch_size, generator=None):
+        calls.append(list(texts))
+        return ["score: 5" if "abc" in t else "score: 1" for t in texts]
+
+    monkeypatch.setattr(rlhf.evaluation, "generate_text", fake_generate_text)
+    prompts, responses = ["sort: cba\n"] * 4 + ["sort: bca\n"], ["abc", "acb", "abc", "abc", "abc"]
+    out = judge(None, None, prompts, responses, JudgeConfig(num_samples=2, temperature=0.0))
+    assert calls == [["judge sort: cba\nanswer abc\n", "judge sort: cba\nanswer acb\n", "judge sort: bca\nanswer abc\n"]]
+    assert [j.scores for j in out] == [[5.0, 5.0], [1.0, 1.0], [5.0, 5.0], [5.0, 5.0], [5.0, 5.0]]
+    # sampling judges generate every sample
+    calls.clear()
+    judge(None, None, prompts, responses, JudgeConfig(num_samples=2, temperature=0.7))
+    assert len(calls[0]) == 10
+
+
 def test_pairwise_agreement():
     truth = [1.0, 0.5, 0.5, 0.0]
     judged = [5.0, 3.0, None, 3.0]

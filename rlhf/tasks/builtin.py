@@ -301,6 +301,19 @@ class BuiltinTask:
             chars.insert(i, chars[i])
         return "".join(chars)
 
+    def neighbour_slip(self, prompt: str, response: str, rng: random.Random) -> str:
+        """An arrange answer with two alphabet neighbours moved side by side, in either order (a
+        judge trained only on shuffles passed 75 of 85 such answers of its own, `nm` and `rq`
+        among them); the response unchanged if no two of its letters are alphabet neighbours."""
+        chars = list(response)
+        pairs = [(a, b) for a in chars for b in chars if abs(ord(a) - ord(b)) == 1]
+        if not pairs:
+            return response
+        a, b = rng.choice(pairs)
+        chars.remove(b)
+        chars.insert(chars.index(a) + 1, b)
+        return "".join(chars)
+
     def preference_pair(self, rng: random.Random) -> PreferencePair:
         """Offline preference data: the correct answer over a near miss (one the verifier scores
         below 1: in arrange a swap can give another right ordering)."""
@@ -318,8 +331,10 @@ class BuiltinTask:
         turn followed by the goal (40%: a model that has learned to copy the goal but not to
         choose the branch writes these, and a judge that only checks the form would pass them),
         a walk down another branch (15%) or a near miss (15%); for arrange the first right
-        ordering (30%), a shuffle of it (20%: right or wrong by chance) or a letter slip (50%,
-        `letter_slip`, of the right ordering or of a shuffle)."""
+        ordering (30%), a shuffle of it (10%: right or wrong by chance), two alphabet neighbours
+        brought together (15%, `neighbour_slip`) or a letter slip (45%, `letter_slip`, of the
+        right ordering or of a shuffle), with a second slip of either kind in 40% of these: a
+        judge trained on single slips wrote `+` for every check it was unsure of."""
         right, u = answer(prompt), rng.random()
         if u < 0.3:
             return right
@@ -333,9 +348,15 @@ class BuiltinTask:
                 return walk if u < 0.45 else walk + right[2:]
             return self.corrupt(prompt, right, rng)
         if prompt.startswith("arrange"):
-            if u < 0.5:
+            if u < 0.4:
                 return "".join(rng.sample(right, len(right)))  # an ordering, usually with neighbours
-            return self.letter_slip(prompt, right if u < 0.8 else "".join(rng.sample(right, len(right))), rng)
+            if u < 0.55:
+                return self.neighbour_slip(prompt, right, rng)
+            slipped = self.letter_slip(prompt, right if u < 0.85 else "".join(rng.sample(right, len(right))), rng)
+            # a second slip in 40%: more failing marks per example, so `+` is not the judge's every mark
+            if rng.random() < 0.4:
+                slipped = self.letter_slip(prompt, slipped, rng) if rng.random() < 0.5 else self.neighbour_slip(prompt, slipped, rng)
+            return slipped
         if u < 0.5:
             other = self.train_prompt(rng)
             while other[:4] != prompt[:4] or answer(other) == right:
