@@ -301,7 +301,7 @@ class BuiltinTask:
             chars.insert(i, chars[i])
         return "".join(chars)
 
-    def neighbour_slip(self, prompt: str, response: str, rng: random.Random) -> str:
+    def neighbour_slip(self, response: str, rng: random.Random) -> str:
         """An arrange answer with two alphabet neighbours moved side by side, in either order (a
         judge trained only on shuffles passed 75 of 85 such answers of its own, `nm` and `rq`
         among them); the response unchanged if no two of its letters are alphabet neighbours."""
@@ -351,11 +351,11 @@ class BuiltinTask:
             if u < 0.4:
                 return "".join(rng.sample(right, len(right)))  # an ordering, usually with neighbours
             if u < 0.55:
-                return self.neighbour_slip(prompt, right, rng)
+                return self.neighbour_slip(right, rng)
             slipped = self.letter_slip(prompt, right if u < 0.85 else "".join(rng.sample(right, len(right))), rng)
             # a second slip in 40%: more failing marks per example, so `+` is not the judge's every mark
             if rng.random() < 0.4:
-                slipped = self.letter_slip(prompt, slipped, rng) if rng.random() < 0.5 else self.neighbour_slip(prompt, slipped, rng)
+                slipped = self.letter_slip(prompt, slipped, rng) if rng.random() < 0.5 else self.neighbour_slip(slipped, rng)
             return slipped
         if u < 0.5:
             other = self.train_prompt(rng)
