@@ -17,7 +17,7 @@ little left to find by sampling. eval.samples_per_prompt=0 turns it off.
 (200 prompts put about ±0.02 of noise on the built-in task's score; 1,000 about ±0.01):
 
     python -m rlhf evaluate RUN/stages/00_sft RUN/stages/02_erdpo --prompts 1000
-    python -m rlhf evaluate RUN/stages/01_dpo_iter1 --samples 16 --judge
+    python -m rlhf evaluate RUN/stages/02_dpo_iter1 --samples 16 --judge
 
 Arguments
   STAGE_DIR ...           complete stage dirs; the task comes from their run's config.yaml

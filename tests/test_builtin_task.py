@@ -4,7 +4,18 @@ import pytest
 
 from rlhf.errors import ConfigError
 from rlhf.tasks import TaskConfig
-from rlhf.tasks.builtin import BuiltinTask, answer, arrangement, judge_label, judge_verdict, parse_path_prompt, score, verifier_reward
+from rlhf.tasks.builtin import (
+    CLIMB_LETTERS,
+    BuiltinTask,
+    answer,
+    arrangement,
+    judge_label,
+    judge_verdict,
+    parse_climb_prompt,
+    parse_path_prompt,
+    score,
+    verifier_reward,
+)
 
 
 def test_answers():
@@ -171,3 +182,54 @@ def test_arrange_prompts_are_solvable_and_dense():
     assert all(len(p) == len("arrange: ") + 7 and score(p, answer(p)) == 1.0 for p in prompts)
     # letters come from a narrow window: most prompts hold alphabet neighbours to keep apart
     assert sum(any(ord(b) - ord(a) == 1 for a, b in zip(p[9:-1], p[10:-1])) for p in prompts) > 150
+
+
+def test_climb_answer_verifier_and_verdict_by_hand():
+    p = "climb: c....j\n"  # 6 letters from c to j: a rise of 7 in 5 steps of 1 to 3
+    assert parse_climb_prompt(p) == ("c", "j", 6)
+    assert answer(p) == "cfghij"  # the longest step that keeps j reachable with steps of 1
+    assert score(p, "cfghij") == 1.0 and score(p, "cdfhij") == 1.0  # any valid climb is right
+    # ends one short: 8 checks (start, 5 steps, goal, length), the goal fails
+    assert score(p, "cdefgi") == pytest.approx(0.5 * 7 / 8)
+    assert score(p, "") == 0.0
+    assert judge_verdict(p, "cfghij") == "c+ cf+ fg+ gh+ hi+ ij+ j+ =+\nscore: 5"
+    assert judge_verdict(p, "cdefgi") == "c+ cd+ de+ ef+ fg+ gi+ i- =+\nscore: 2"
+    assert judge_verdict(p, "cdefj") == "c+ cd+ de+ ef+ fj- j+ =-\nscore: 2"  # goal copied after a jump of 4
+    assert judge_verdict(p, "cceghj") == "c+ cc- ce+ eg+ gh+ hj+ j+ =+\nscore: 2"  # a step of 0
+    # the alphabet runs on from z to A
+    assert answer("climb: y..C\n") == "yABC" and score("climb: y..C\n", "yzBC") == 1.0
+    with pytest.raises(ValueError, match="not a climb prompt"):
+        parse_climb_prompt("climb: cj\n")
+
+
+def test_climb_prompts_are_reachable_and_judge_candidates_mix_right_and_wrong():
+    task = BuiltinTask(TaskConfig(families=["climb"], climb_min_len=4, climb_max_len=12))
+    rng = random.Random(3)
+    right = 0
+    for _ in range(400):
+        q = task.train_prompt(rng)
+        start, goal, n = parse_climb_prompt(q)
+        rise = CLIMB_LETTERS.index(goal) - CLIMB_LETTERS.index(start)
+        assert 4 <= n <= 12 and n - 1 <= rise <= 3 * (n - 1)
+        assert score(q, answer(q)) == 1.0 and len(answer(q)) == n
+        c = task.judge_candidate(q, rng)
+        right += score(q, c) == 1.0
+        # every mark holds exactly when the answer is right
+        assert ("-" not in judge_verdict(q, c).split("\n")[0]) == (score(q, c) == 1.0)
+    assert 100 < right < 180  # 30% the right climb, and random climbs that land by chance
+
+
+def test_too_few_prompts_for_the_held_out_set_is_a_config_error():
+    # 5-letter climbs: sum over rises 4..12 of (52 - rise) = 396 prompts in all
+    with pytest.raises(ConfigError, match="distinct prompts in families"):
+        BuiltinTask(TaskConfig(families=["climb"], climb_min_len=5, climb_max_len=5, num_eval_prompts=1000))
+    task = BuiltinTask(TaskConfig(families=["climb"], climb_min_len=5, climb_max_len=5, num_eval_prompts=396))
+    with pytest.raises(ConfigError, match="leave no training prompts"):
+        task.train_prompt(random.Random(0))
+
+
+def test_climb_lengths_are_checked():
+    with pytest.raises(ConfigError, match="climb_min_len=2"):
+        BuiltinTask(TaskConfig(families=["climb"], climb_min_len=2))
+    with pytest.raises(ConfigError, match="climb_max_len=17"):
+        BuiltinTask(TaskConfig(families=["climb"], climb_max_len=17))

@@ -104,10 +104,13 @@ def small(slots=("dpo_iter1", "dpo_iter2")) -> list[str]:
         "stages.sft.max_steps=30",
         "stages.sft.batch_size=16",
         "stages.sft.judge_fraction=0.5",
+        *SMALL_EFT,
         *[f"stages.{slot}.{key}" for slot in slots for key in SMALL_ITER],
         *([f"stages.{slots[-1]}.judge_examples=own"] if len(slots) > 1 else []),  # the round's own candidates, judged by the verifier
     ]
 
+
+SMALL_EFT = ("stages.eft.max_steps=3", "stages.eft.num_prompts=8", "stages.eft.batch_size=8")
 
 SMALL_ITER = (
     "steps_per_round=2",
@@ -151,9 +154,9 @@ def test_self_reward_recipe_end_to_end_and_resume(cli, tmp_path):
 
     cli("run", *small(), *TINY, "stages.dpo_iter1.max_steps=4", "stages.dpo_iter2.max_steps=2", f"hydra.run.dir={tmp_path}")
     stages = tmp_path / "stages"
-    assert sorted(p.name for p in stages.iterdir()) == ["00_sft", "01_dpo_iter1", "02_dpo_iter2"]
+    assert sorted(p.name for p in stages.iterdir()) == ["00_sft", "01_eft", "02_dpo_iter1", "03_dpo_iter2"]
     all_rows = []
-    for name, rounds in (("01_dpo_iter1", 2), ("02_dpo_iter2", 1)):
+    for name, rounds in (("02_dpo_iter1", 2), ("03_dpo_iter2", 1)):
         d = stages / name
         for f in ("COMPLETE", "policy.safetensors", "metrics.json", "samples.jsonl", "start_eval.json", "judge_eval_start.jsonl", "judge_eval_end.jsonl", "candidates.jsonl", "pairs.jsonl"):
             assert (d / f).exists(), f"{name}/{f} missing"
@@ -183,7 +186,7 @@ def test_self_reward_recipe_end_to_end_and_resume(cli, tmp_path):
     assert any(row["status"] == "pair" for row in all_rows)
 
     # resume: iteration 2 lost its end (no COMPLETE); its round file is reloaded, not regenerated
-    d = stages / "02_dpo_iter2"
+    d = stages / "03_dpo_iter2"
     (d / "COMPLETE").unlink()
     path = d / "rounds" / "round_000.jsonl"
     rows = read_jsonl(path)
@@ -206,11 +209,11 @@ def test_self_reward_under_ddp(cli, tmp_path):
 
 
     cli(
-        "run", *small(["dpo_iter1"]), *TINY, "trainer=ddp_cpu", "~stage@stages.dpo_iter2", "order=[sft,dpo_iter1]",
+        "run", *small(["dpo_iter1"]), *TINY, "trainer=ddp_cpu", "~stage@stages.dpo_iter2", "order=[sft,eft,dpo_iter1]",
         "stages.sft.max_steps=10", "stages.dpo_iter1.max_steps=2", f"hydra.run.dir={tmp_path}",
         timeout=400,
     )
-    d = tmp_path / "stages" / "01_dpo_iter1"
+    d = tmp_path / "stages" / "02_dpo_iter1"
     assert (d / "COMPLETE").exists()
     rows = check_round_file(d / "rounds" / "round_000.jsonl", prompts=8, k=3, j=2)
     m = json.loads((d / "metrics.json").read_text())
@@ -228,7 +231,7 @@ def test_eft_config_checks():
 def test_eft_stage_end_to_end(cli, tmp_path):
     # SFT, then EFT on the model's own sampled answers (verifier-labelled verdicts), then one iteration
     cli(
-        "run", "recipe=self_reward", "+stage@stages.eft=eft", "order=[sft,eft,dpo_iter1]", *TINY, "task=easy",
+        "run", "recipe=self_reward", "~stage@stages.dpo_iter2", "order=[sft,eft,dpo_iter1]", *TINY, "task=easy",
         "stages.sft.max_steps=10", "stages.eft.max_steps=3", "stages.eft.num_prompts=8", "stages.eft.batch_size=8",
         "stages.dpo_iter1.max_steps=2", *[f"stages.dpo_iter1.{key}" for key in SMALL_ITER], f"hydra.run.dir={tmp_path}",
     )

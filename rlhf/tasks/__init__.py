@@ -34,6 +34,9 @@ class TaskConfig:
     # arrange: order n distinct letters (from a window of 1.5 n) so no alphabet neighbours touch
     arrange_min_len: int = 5
     arrange_max_len: int = 8
+    # climb: n letters from a start to a goal, each step 1 to 3 places along a..zA..Z
+    climb_min_len: int = 5
+    climb_max_len: int = 12
     num_eval_prompts: int = 200
     # the task's own seed: fixes the held-out prompts whatever the run's seed
     seed: int = 20240601

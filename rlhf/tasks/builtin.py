@@ -1,14 +1,16 @@
 """The built-in task: short instructions whose answers a program can check.
 
-Two families, both "easy to check, harder to produce" for a small model:
+Five families, all "easy to check, harder to produce" for a small model:
 
-  sort: qwhfkdmz\n   ->  dfhkmqwz     (sort the letters)
-  add: 48213+937\n   ->  49150        (add two numbers)
+  sort: qwhfkdmz\n        ->  dfhkmqwz     (sort the letters)
+  add: 48213+937\n        ->  49150        (add two numbers)
+  path: bc ab ad de a>e\n ->  ade          (walk the edges from start to goal)
+  arrange: abcd\n         ->  bdac         (no alphabet neighbours side by side)
+  climb: c....j\n         ->  cfghij       (6 letters from c to j, steps of 1-3 along a..zA..Z)
 
-`score(prompt, response)` is the verifier: 1.0 for an exact answer, otherwise the
-fraction of characters in the right place (right-aligned for numbers), divided by the
-longer of answer and response, so partial answers earn partial credit and padding a
-response with junk does not pay. Difficulty is set by the length ranges.
+`score(prompt, response)` is the verifier: 1.0 for an exact answer (for path, arrange and
+climb: any right one), otherwise partial credit that padding with junk does not earn (see
+`score`). Difficulty is set by the length ranges.
 
 Everything is a pure function of a seed: training examples for step s come from
 `random.Random(hash(seed, s))`, the held-out prompts from their own seed, and training
@@ -22,13 +24,15 @@ import re
 import string
 from rlhf.data.examples import PreferencePair, SFTExample
 from rlhf.data.tokenizer import CharTokenizer
+from rlhf.errors import ConfigError
 from rlhf.tasks import TaskConfig
 
 # printable ASCII plus newline: any judge template or user text in plain English fits
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 
-FAMILIES = ("sort", "add", "path", "arrange")
+FAMILIES = ("sort", "add", "path", "arrange", "climb")
 DEFAULT_JUDGE_TEMPLATE = "judge {prompt}answer {response}\n"
+MAX_PROMPT_MISSES = 10_000  # draws in a row that find no new prompt: the families are exhausted
 MAX_MARKED_HOPS = 8  # a path answer longer than this is judged without marks (no walk here is that long)
 
 
@@ -61,6 +65,8 @@ def judge_verdict(prompt: str, response: str) -> str:
         checks += [hop + mark(ok) for hop, ok in path_hops(prompt, response)]
         checks.append(response[-1] + mark(response[-1] == goal))
         return " ".join(checks) + f"\nscore: {label}"
+    if prompt.startswith("climb") and 0 < len(response) <= MAX_CLIMB_LEN:
+        return " ".join(tok + mark(ok) for tok, ok in climb_checks(prompt, response)) + f"\nscore: {label}"
     if prompt.startswith("arrange") and 0 < len(response) <= 16:
         letters = prompt[len("arrange: ") : -1]
         checks = [a + b + mark(abs(ord(a) - ord(b)) != 1) for a, b in zip(response, response[1:])]
@@ -102,6 +108,64 @@ def path_score(prompt: str, response: str) -> float:
     return 0.5 * valid / len(hops)
 
 
+CLIMB_LETTERS = string.ascii_lowercase + string.ascii_uppercase  # a climb's alphabet, in this order
+CLIMB_STEPS = (1, 2, 3)  # each step of a climb goes up CLIMB_LETTERS by one of these
+MAX_CLIMB_LEN = 16  # a longer climb answer is judged without marks
+_CLIMB = re.compile(r"^climb: ([a-zA-Z])(\.+)([a-zA-Z])\n$")
+
+
+def parse_climb_prompt(prompt: str) -> tuple[str, str, int]:
+    """(first letter, last letter, number of letters) of a climb prompt: `climb: c....j` asks
+    for 6 letters from c to j, each 1 to 3 places further along `CLIMB_LETTERS` (a..z, then A..Z).
+
+    Raises:
+        ValueError: not a climb prompt."""
+    m = _CLIMB.match(prompt)
+    if m is None:
+        raise ValueError(f"not a climb prompt: {prompt!r}")
+    return m.group(1), m.group(3), len(m.group(2)) + 2
+
+
+def climb_step(a: str, b: str) -> int | None:
+    """How many places b is after a in `CLIMB_LETTERS` (negative: before); None if either is not in it."""
+    if a not in CLIMB_LETTERS or b not in CLIMB_LETTERS:
+        return None
+    return CLIMB_LETTERS.index(b) - CLIMB_LETTERS.index(a)
+
+
+def climb_checks(prompt: str, response: str) -> list[tuple[str, bool]]:
+    """The local checks of a climb answer, in the order the judge writes them: the first letter
+    against the start (`c`), each step (`cf`: 1 to 3 places up?), the last letter against the
+    goal, the length (`=`). Each is (what is checked, holds); empty for an empty response."""
+    if not response:
+        return []
+    start, goal, n = parse_climb_prompt(prompt)
+    checks = [(response[0], response[0] == start)]
+    checks += [(a + b, climb_step(a, b) in CLIMB_STEPS) for a, b in zip(response, response[1:])]
+    checks += [(response[-1], response[-1] == goal), ("=", len(response) == n)]
+    return checks
+
+
+def climb_score(prompt: str, response: str) -> float:
+    """1.0 when every check of `climb_checks` holds; otherwise half the share that hold (0 for
+    an empty response), so a climb that ends one letter off earns more than a scramble."""
+    checks = climb_checks(prompt, response)
+    if not checks:
+        return 0.0
+    held = sum(ok for _, ok in checks)
+    return 1.0 if held == len(checks) else 0.5 * held / len(checks)
+
+
+def climb(start: str, goal: str, n: int) -> str:
+    """The climb the SFT data teaches: each step as long as it can be (at most 3) while the goal
+    stays reachable with steps of 1: `climb("c", "j", 6)` = `cfghij` (a rise of 7 in 5 steps)."""
+    out, at, end = start, CLIMB_LETTERS.index(start), CLIMB_LETTERS.index(goal)
+    for left in range(n - 1, 0, -1):  # steps still to take, this one included
+        at += min(max(CLIMB_STEPS), end - at - (left - 1))
+        out += CLIMB_LETTERS[at]
+    return out
+
+
 def arrangement(letters: str, prefix: str = "") -> str | None:
     """The alphabetically first ordering of `letters` (distinct, sorted) in which no two
     neighbours are neighbours in the alphabet, by depth-first search; None if there is none."""
@@ -131,6 +195,8 @@ def answer(prompt: str) -> str:
     """The correct response to a task prompt (for path: the shortest path, unique in this task's graphs)."""
     if prompt.startswith("arrange: "):
         return arrangement(prompt[len("arrange: ") : -1])
+    if prompt.startswith("climb"):
+        return climb(*parse_climb_prompt(prompt))
     if prompt.startswith("path"):
         edges, start, goal = parse_path_prompt(prompt)
         parent, frontier = {start: ""}, [start]
@@ -159,11 +225,13 @@ def answer(prompt: str) -> str:
 def score(prompt: str, response: str) -> float:
     """Verifier in [0, 1]: 1.0 if exact; for sort and add otherwise the positional overlap with
     the answer (right-aligned for numbers) over the longer of the two; for path `path_score`,
-    for arrange `arrange_score` (any right answer scores 1.0, not only `answer`'s)."""
+    for arrange `arrange_score`, for climb `climb_score` (any right answer scores 1.0, not only `answer`'s)."""
     if prompt.startswith("path"):
         return path_score(prompt, response)
     if prompt.startswith("arrange"):
         return arrange_score(prompt, response)
+    if prompt.startswith("climb"):
+        return climb_score(prompt, response)
     target = answer(prompt)
     if response == target:
         return 1.0
@@ -184,9 +252,9 @@ class BuiltinTask:
     def __init__(self, cfg: TaskConfig):
         unknown = set(cfg.families) - set(FAMILIES)
         if unknown or not cfg.families:
-            from rlhf.errors import ConfigError
-
             raise ConfigError(f"task.families={list(cfg.families)} must be a non-empty subset of {list(FAMILIES)}")
+        if "climb" in cfg.families and not 3 <= cfg.climb_min_len <= cfg.climb_max_len <= MAX_CLIMB_LEN:
+            raise ConfigError(f"task.climb_min_len={cfg.climb_min_len}, climb_max_len={cfg.climb_max_len}: need 3 <= min <= max <= {MAX_CLIMB_LEN}")
         self.cfg = cfg
         self.tokenizer = CharTokenizer(ALPHABET)
         self._eval = self._make_eval_prompts()
@@ -200,6 +268,11 @@ class BuiltinTask:
             return "sort: " + "".join(rng.choice(string.ascii_lowercase) for _ in range(n)) + "\n"
         if family == "path":
             return self._path_prompt(rng)
+        if family == "climb":
+            n = rng.randint(self.cfg.climb_min_len, self.cfg.climb_max_len)
+            rise = rng.randint(n - 1, min(max(CLIMB_STEPS) * (n - 1), len(CLIMB_LETTERS) - 1))
+            start = rng.randrange(len(CLIMB_LETTERS) - rise)
+            return f"climb: {CLIMB_LETTERS[start]}{'.' * (n - 2)}{CLIMB_LETTERS[start + rise]}\n"
         if family == "arrange":
             while True:  # distinct letters from a narrow window, so neighbours are common
                 n = rng.randint(self.cfg.arrange_min_len, self.cfg.arrange_max_len)
@@ -228,19 +301,30 @@ class BuiltinTask:
         rng = random.Random(self.cfg.seed)
         prompts: list[str] = []
         seen: set[str] = set()
+        misses = 0
         while len(prompts) < self.cfg.num_eval_prompts:
             p = self._prompt(rng)
             if p not in seen:
                 seen.add(p)
                 prompts.append(p)
+                misses = 0
+            elif (misses := misses + 1) > MAX_PROMPT_MISSES:  # the families hold fewer prompts than asked
+                raise ConfigError(
+                    f"task: only about {len(prompts)} distinct prompts in families {list(self.cfg.families)} with these "
+                    f"lengths, {self.cfg.num_eval_prompts} held-out ones asked (task.num_eval_prompts or --prompts)"
+                )
         return prompts
 
     def train_prompt(self, rng: random.Random) -> str:
-        """A prompt that is never one of the held-out evaluation prompts."""
-        while True:
+        """A prompt that is never one of the held-out evaluation prompts.
+
+        Raises:
+            ConfigError: the held-out prompts are (nearly) all the families hold."""
+        for _ in range(MAX_PROMPT_MISSES):
             p = self._prompt(rng)
             if p not in self._eval_set:
                 return p
+        raise ConfigError(f"task: the {len(self._eval)} held-out prompts leave no training prompts in families {list(self.cfg.families)}")
 
     def eval_prompts(self) -> list[str]:
         return list(self._eval)
@@ -249,7 +333,7 @@ class BuiltinTask:
         return score(prompt, response)
 
     def family(self, prompt: str) -> str:
-        """The family a prompt belongs to ("sort", "add" or "path"): evaluation reports a score per family."""
+        """The family a prompt belongs to ("sort", "add", "path", ...): evaluation reports a score per family."""
         return prompt.split(":", 1)[0]
 
     # -- data for each kind of stage ---------------------------------------------------------
@@ -334,7 +418,8 @@ class BuiltinTask:
         ordering (30%), a shuffle of it (10%: right or wrong by chance), two alphabet neighbours
         brought together (15%, `neighbour_slip`) or a letter slip (45%, `letter_slip`, of the
         right ordering or of a shuffle), with a second slip of either kind in 40% of these: a
-        judge trained on single slips wrote `+` for every check it was unsure of."""
+        judge trained on single slips wrote `+` for every check it was unsure of; for climb
+        `climb_candidate`."""
         right, u = answer(prompt), rng.random()
         if u < 0.3:
             return right
@@ -347,6 +432,8 @@ class BuiltinTask:
                     walk += nxt[0]
                 return walk if u < 0.45 else walk + right[2:]
             return self.corrupt(prompt, right, rng)
+        if prompt.startswith("climb"):
+            return self.climb_candidate(prompt, right, u, rng)
         if prompt.startswith("arrange"):
             if u < 0.4:
                 return "".join(rng.sample(right, len(right)))  # an ordering, usually with neighbours
@@ -364,6 +451,29 @@ class BuiltinTask:
             return answer(other)
         near = self.corrupt(prompt, right, rng)
         return self.corrupt(prompt, near, rng) if rng.random() < 0.5 else near
+
+    def climb_candidate(self, prompt: str, right: str, u: float, rng: random.Random) -> str:
+        """A wrong-or-right climb for judging data (u in [0.3, 1)): steps of 1 to 3 chosen at random
+        (30%: ends at the goal only by chance), that climb with the goal written last whatever the
+        step (15%: what a model that copies the goal writes), the right climb with a step of 0 or
+        4 (15%), or with one letter dropped or added (10%)."""
+        start, goal, n = parse_climb_prompt(prompt)
+        top = len(CLIMB_LETTERS) - 1
+        up = lambda c, d: CLIMB_LETTERS[min(top, CLIMB_LETTERS.index(c) + d)]  # noqa: E731
+        if u < 0.75:
+            out = start
+            for _ in range(n - 1):
+                out += up(out[-1], rng.choice(CLIMB_STEPS))
+            return out if u < 0.6 else out[:-1] + goal
+        chars = list(right)
+        i = rng.randrange(1, len(chars))
+        if u < 0.9:
+            chars[i] = up(chars[i - 1], rng.choice([0, max(CLIMB_STEPS) + 1]))
+        elif rng.random() < 0.5:
+            del chars[i]
+        else:
+            chars.insert(i, up(chars[i - 1], rng.choice(CLIMB_STEPS)))
+        return "".join(chars)
 
     def judge_example(self, rng: random.Random, template: str = DEFAULT_JUDGE_TEMPLATE) -> SFTExample:
         """Teaches judging: the judge template filled with a prompt and a candidate
