@@ -8,6 +8,7 @@ from rlhf.tasks.builtin import (
     CLIMB_LETTERS,
     BuiltinTask,
     answer,
+    arrange_letters,
     arrangement,
     judge_label,
     judge_verdict,
@@ -130,19 +131,22 @@ def test_arrangement_is_the_first_valid_ordering():
     assert arrangement("abc") is None  # b is a neighbour of both others
     assert arrangement("abcd") == "bdac"  # a... dead-ends (ac, then b or d both fail): search backs up
     assert arrangement("ace") == "ace"
-    assert answer("arrange: abcd\n") == "bdac"
+    assert answer("arrange: ABCD\n") == "bdac"
 
 
 def test_arrange_verifier_and_verdict_by_hand():
-    p = "arrange: abcd\n"
+    p = "arrange: ABCD\n"  # capitals in the prompt, lower case in the answer
+    assert arrange_letters(p) == "abcd"
     assert score(p, "bdac") == 1.0 and score(p, "cadb") == 1.0  # any valid ordering is right
     assert score(p, "abdc") == pytest.approx(0.5 * 1 / 3)  # an ordering with two neighbour pairs
     assert score(p, "bda") == pytest.approx(0.25 * 3 / 4)  # not an ordering: letters shared
-    assert judge_verdict(p, "cadb") == "ca+ ad+ db+ a+ b+ c+ d+ =+\nscore: 5"
-    assert judge_verdict(p, "abdc") == "ab- bd+ dc- a+ b+ c+ d+ =+\nscore: 1"
-    assert judge_verdict(p, "bda") == "bd+ da+ a+ b+ c- d+ =-\nscore: 1"  # c dropped: c- and the count
-    assert judge_verdict(p, "bdab") == "bd+ da+ ab- a+ b+ c- d+ =+\nscore: 1"  # b twice in place of c
-    assert judge_verdict(p, "bdae") == "bd+ da+ ae+ a+ b+ c- d+ =+\nscore: 1"  # e swapped in for c
+    assert score(p, "BDAC") == 0.0  # the answer is written in lower case
+    # neighbour pairs in the answer's letters, then each prompt letter as the prompt writes it
+    assert judge_verdict(p, "cadb") == "ca+ ad+ db+ A+ B+ C+ D+ =+\nscore: 5"
+    assert judge_verdict(p, "abdc") == "ab- bd+ dc- A+ B+ C+ D+ =+\nscore: 1"
+    assert judge_verdict(p, "bda") == "bd+ da+ A+ B+ C- D+ =-\nscore: 1"  # c dropped: C- and the count
+    assert judge_verdict(p, "bdab") == "bd+ da+ ab- A+ B+ C- D+ =+\nscore: 1"  # b twice in place of c
+    assert judge_verdict(p, "bdae") == "bd+ da+ ae+ A+ B+ C- D+ =+\nscore: 1"  # e swapped in for c
     # every mark holds exactly when the answer is right
     task = BuiltinTask(TaskConfig(families=["arrange"], arrange_min_len=4, arrange_max_len=8))
     rng = random.Random(0)
@@ -159,7 +163,7 @@ def test_arrange_judge_candidates_carry_the_models_letter_slips():
     for _ in range(600):
         q = task.train_prompt(rng)
         c = task.judge_candidate(q, rng)
-        letters = q[len("arrange: ") : -1]
+        letters = arrange_letters(q)
         kinds["right" if score(q, c) == 1.0 else "ordering" if sorted(c) == sorted(letters) else "letters"] += 1
     # wrong letters are the judge's hard part (a substituted letter kept the length in 601 of 806)
     assert kinds["letters"] > 210 and kinds["ordering"] > 100 and kinds["right"] > 180
@@ -167,7 +171,7 @@ def test_arrange_judge_candidates_carry_the_models_letter_slips():
 
 def test_neighbour_slip_puts_two_alphabet_neighbours_side_by_side():
     task = BuiltinTask(TaskConfig(families=["arrange"]))
-    p = "arrange: abdf\n"
+    p = "arrange: ABDF\n"
     rng = random.Random(0)
     slips = {task.neighbour_slip("bdaf", rng) for _ in range(50)}
     assert slips == {"dabf", "badf"}  # b moved to just after a, or a to just after b
@@ -180,6 +184,7 @@ def test_arrange_prompts_are_solvable_and_dense():
     rng = random.Random(5)
     prompts = [task.train_prompt(rng) for _ in range(200)]
     assert all(len(p) == len("arrange: ") + 7 and score(p, answer(p)) == 1.0 for p in prompts)
+    assert all(p[9:-1].isupper() and answer(p).islower() for p in prompts)  # two cases: see arrange_letters
     # letters come from a narrow window: most prompts hold alphabet neighbours to keep apart
     assert sum(any(ord(b) - ord(a) == 1 for a, b in zip(p[9:-1], p[10:-1])) for p in prompts) > 150
 

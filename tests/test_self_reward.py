@@ -71,12 +71,12 @@ def test_own_judging_examples_half_wrong_half_right_with_the_verifiers_verdicts(
     from rlhf.tasks.builtin import BuiltinTask
 
     task = BuiltinTask(TaskConfig(families=["arrange"]))
-    p = "arrange: abcd\n"
+    p = "arrange: ABCD\n"
     rows = [{"prompt": p, "candidates": [{"response": "cadb", "verifier": 1.0}, {"response": "bdae", "verifier": 0.1875}, {"response": "bdac", "verifier": 1.0}]}]
     examples = own_judging_examples(task, rows, 4, random.Random(0), "judge {prompt}answer {response}\n")
     assert [e.response.endswith("score: 1") for e in examples] == [True, False, True, False]  # wrong first, then right
     assert examples[0] == task.judging_example(p, "bdae", "judge {prompt}answer {response}\n")
-    assert examples[0].response == "bd+ da+ ae+ a+ b+ c- d+ =+\nscore: 1"
+    assert examples[0].response == "bd+ da+ ae+ A+ B+ C- D+ =+\nscore: 1"
     only_right = [{"prompt": p, "candidates": [{"response": "cadb", "verifier": 1.0}]}]
     assert all(e.response.endswith("score: 5") for e in own_judging_examples(task, only_right, 3, random.Random(0), "{prompt}{response}"))
     with pytest.raises(ValueError, match="no candidate"):
@@ -99,7 +99,7 @@ def test_config_checks():
 # generated characters) makes sure some pairs exist to check.
 def small(slots=("dpo_iter1", "dpo_iter2")) -> list[str]:
     return [
-        "recipe=self_reward",
+        "recipe=self_reward_eft",  # the default recipe and an EFT stage before the iterations
         "task=easy",
         "stages.sft.max_steps=30",
         "stages.sft.batch_size=16",
@@ -155,6 +155,10 @@ def test_self_reward_recipe_end_to_end_and_resume(cli, tmp_path):
     cli("run", *small(), *TINY, "stages.dpo_iter1.max_steps=4", "stages.dpo_iter2.max_steps=2", f"hydra.run.dir={tmp_path}")
     stages = tmp_path / "stages"
     assert sorted(p.name for p in stages.iterdir()) == ["00_sft", "01_eft", "02_dpo_iter1", "03_dpo_iter2"]
+    # EFT sampled num_candidates answers to each of its prompts and kept the verifier's scores
+    rows = read_jsonl(stages / "01_eft" / "candidates.jsonl")
+    assert [row["index"] for row in rows] == list(range(8)) and all(len(row["candidates"]) == 4 for row in rows)
+    assert all(0.0 <= c["verifier"] <= 1.0 for row in rows for c in row["candidates"])
     all_rows = []
     for name, rounds in (("02_dpo_iter1", 2), ("03_dpo_iter2", 1)):
         d = stages / name
@@ -225,17 +229,3 @@ def test_eft_config_checks():
         typed_stage_config("eft", {"kind": "eft", "answer_fraction": 1.0})
     with pytest.raises(ConfigError, match="num_prompts"):
         typed_stage_config("eft", {"kind": "eft", "num_prompts": 0})
-
-
-@pytest.mark.slow
-def test_eft_stage_end_to_end(cli, tmp_path):
-    # SFT, then EFT on the model's own sampled answers (verifier-labelled verdicts), then one iteration
-    cli(
-        "run", "recipe=self_reward", "~stage@stages.dpo_iter2", "order=[sft,eft,dpo_iter1]", *TINY, "task=easy",
-        "stages.sft.max_steps=10", "stages.eft.max_steps=3", "stages.eft.num_prompts=8", "stages.eft.batch_size=8",
-        "stages.dpo_iter1.max_steps=2", *[f"stages.dpo_iter1.{key}" for key in SMALL_ITER], f"hydra.run.dir={tmp_path}",
-    )
-    rows = read_jsonl(tmp_path / "stages" / "01_eft" / "candidates.jsonl")
-    assert [row["index"] for row in rows] == list(range(8)) and all(len(row["candidates"]) == 4 for row in rows)
-    assert all(0.0 <= c["verifier"] <= 1.0 for row in rows for c in row["candidates"])
-    assert (tmp_path / "stages" / "01_eft" / "COMPLETE").exists() and (tmp_path / "stages" / "02_dpo_iter1" / "COMPLETE").exists()

@@ -31,7 +31,8 @@ class TaskConfig:
     path_max_branches: int = 3
     path_min_hops: int = 2
     path_max_hops: int = 3
-    # arrange: order n distinct letters (from a window of 1.5 n) so no alphabet neighbours touch
+    # arrange: order n distinct letters (from a window of 1.5 n) so no alphabet neighbours touch;
+    # the prompt writes them in capitals, the answer in lower case
     arrange_min_len: int = 5
     arrange_max_len: int = 8
     # climb: n letters from a start to a goal, each step 1 to 3 places along a..zA..Z

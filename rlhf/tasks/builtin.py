@@ -5,7 +5,7 @@ Five families, all "easy to check, harder to produce" for a small model:
   sort: qwhfkdmz\n        ->  dfhkmqwz     (sort the letters)
   add: 48213+937\n        ->  49150        (add two numbers)
   path: bc ab ad de a>e\n ->  ade          (walk the edges from start to goal)
-  arrange: abcd\n         ->  bdac         (no alphabet neighbours side by side)
+  arrange: ABCD\n         ->  bdac         (no alphabet neighbours side by side)
   climb: c....j\n         ->  cfghij       (6 letters from c to j, steps of 1-3 along a..zA..Z)
 
 `score(prompt, response)` is the verifier: 1.0 for an exact answer (for path, arrange and
@@ -53,7 +53,8 @@ def judge_verdict(prompt: str, response: str) -> str:
     It first checks the answer step by step where a check is local: for path the first node
     against the start, each hop against the edge list, the last node against the goal
     (`a+ ab+ bf- f+`); for arrange each pair of neighbours (`ab-`: alphabet neighbours side
-    by side), then each prompt letter and whether the answer holds it (`c-`: it does not), then
+    by side), then each prompt letter as the prompt writes it (a capital) and whether the answer
+    holds it in lower case (`C-`: it does not), then
     whether the answer has as many letters as the prompt (`=+`): all of these together mean
     "the prompt's letters, once each", which a small judge did not learn as one check (`=`
     alone passed every swapped-in letter), and each is a local one. `+` holds, `-` fails.
@@ -68,10 +69,10 @@ def judge_verdict(prompt: str, response: str) -> str:
     if prompt.startswith("climb") and 0 < len(response) <= MAX_CLIMB_LEN:
         return " ".join(tok + mark(ok) for tok, ok in climb_checks(prompt, response)) + f"\nscore: {label}"
     if prompt.startswith("arrange") and 0 < len(response) <= 16:
-        letters = prompt[len("arrange: ") : -1]
+        shown = prompt[len("arrange: ") : -1]  # as the prompt writes them: capitals
         checks = [a + b + mark(abs(ord(a) - ord(b)) != 1) for a, b in zip(response, response[1:])]
-        checks += [c + mark(c in response) for c in letters]
-        checks.append("=" + mark(len(response) == len(letters)))
+        checks += [c + mark(c.lower() in response) for c in shown]
+        checks.append("=" + mark(len(response) == len(shown)))
         return " ".join(checks) + f"\nscore: {label}"
     return f"score: {label}"
 
@@ -166,6 +167,15 @@ def climb(start: str, goal: str, n: int) -> str:
     return out
 
 
+def arrange_letters(prompt: str) -> str:
+    """The letters an arrange prompt asks for, in lower case as the answer writes them. The
+    prompt writes them in capitals so that a letter of the prompt and the same letter in an
+    answer are different tokens: "is `u` in the answer?" is then "is `u` anywhere?", a lookup
+    the judge learns, where with one case it must also tell the prompt's `u` from the
+    answer's (after SFT it marked 1 of 190 missing letters; docs/results_self_reward.md)."""
+    return prompt[len("arrange: ") : -1].lower()
+
+
 def arrangement(letters: str, prefix: str = "") -> str | None:
     """The alphabetically first ordering of `letters` (distinct, sorted) in which no two
     neighbours are neighbours in the alphabet, by depth-first search; None if there is none."""
@@ -183,7 +193,7 @@ def arrange_score(prompt: str, response: str) -> float:
     """1.0 for an ordering of the prompt's letters with no two alphabet neighbours side by side;
     an ordering with some: half the share of good neighbour pairs; anything else: a quarter of
     the letters it shares with the prompt over the longer of the two."""
-    letters = prompt[len("arrange: ") : -1]
+    letters = arrange_letters(prompt)
     if sorted(response) == sorted(letters):
         good = [abs(ord(a) - ord(b)) != 1 for a, b in zip(response, response[1:])]
         return 1.0 if all(good) else 0.5 * sum(good) / max(1, len(good))
@@ -194,7 +204,7 @@ def arrange_score(prompt: str, response: str) -> float:
 def answer(prompt: str) -> str:
     """The correct response to a task prompt (for path: the shortest path, unique in this task's graphs)."""
     if prompt.startswith("arrange: "):
-        return arrangement(prompt[len("arrange: ") : -1])
+        return arrangement(arrange_letters(prompt))
     if prompt.startswith("climb"):
         return climb(*parse_climb_prompt(prompt))
     if prompt.startswith("path"):
@@ -279,7 +289,7 @@ class BuiltinTask:
                 first = rng.randrange(26 - (n + n // 2) + 1)
                 letters = "".join(sorted(rng.sample(string.ascii_lowercase[first : first + n + n // 2], n)))
                 if arrangement(letters) is not None:
-                    return f"arrange: {letters}\n"
+                    return f"arrange: {letters.upper()}\n"
         a = rng.randint(10 ** (self.cfg.add_min_digits - 1), 10 ** rng.randint(self.cfg.add_min_digits, self.cfg.add_max_digits) - 1)
         b = rng.randint(10 ** (self.cfg.add_min_digits - 1), 10 ** rng.randint(self.cfg.add_min_digits, self.cfg.add_max_digits) - 1)
         return f"add: {a}+{b}\n"
@@ -371,7 +381,7 @@ class BuiltinTask:
         samples: 601 of 806 wrong-letter answers keep the length): a letter swapped for an
         alphabet neighbour that is not in the prompt (`n` -> `o`), a letter written twice in
         place of another, a letter dropped, or one written twice more."""
-        letters, chars = prompt[len("arrange: ") : -1], list(response)
+        letters, chars = arrange_letters(prompt), list(response)
         i = rng.randrange(len(chars))
         edit = rng.choice(["outside", "outside", "twice", "twice", "drop", "double"])
         if edit == "outside":
