@@ -7,7 +7,9 @@ exact rate, judge agreement, the judge's mean score of exact and of inexact answ
 parse failures, length, KL, pairs); `--all` shows every metric (per family, calibration
 buckets, ...). Then plots the main metrics across stages (greedy task score with pass@k
 dashed beside it, judge agreement, response length, KL), one line per run, to `--plot`
-(default `<first run>/report.png`).
+(default `<first run>/report.png`); for RL stages that logged both, a last panel draws the
+reward they optimised beside the verifier's score, rollout by rollout (a learned reward
+rising while the verifier's score does not is reward hacking).
 
 A stage without its own judge agreement (SFT, say) shows the value the NEXT stage measured
 on its starting weights (`start/judge_agreement`), which are this stage's final weights;
@@ -18,6 +20,7 @@ without metrics.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -59,6 +62,9 @@ class Stage:
     complete: bool
     metrics: dict[str, float] = field(default_factory=dict)
     borrowed: set[str] = field(default_factory=set)  # keys taken from the next stage's start/ values
+    # (rollout, reward the stage optimised, verifier score) per rollout of an RL stage that
+    # logged both (rollout_metrics.jsonl): the reward-hacking diagnostic
+    reward_vs_verifier: list[tuple[int, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +72,17 @@ class Run:
     name: str
     path: Path
     stages: list[Stage]
+
+
+def read_reward_vs_verifier(stage_dir: Path) -> list[tuple[int, float, float]]:
+    """(rollout, rollout/reward_mean, rollout/verifier_score) of each rollout in the stage's
+    rollout_metrics.jsonl that has both (PPO, GRPO); [] when there is none. A learned reward
+    that climbs while the verifier's score stays flat or falls is reward hacking."""
+    path = stage_dir / "rollout_metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(r["rollout"]), float(r["rollout/reward_mean"]), float(r["rollout/verifier_score"])) for r in rows if "rollout/reward_mean" in r and "rollout/verifier_score" in r]
 
 
 def read_run(path: str | Path) -> Run:
@@ -85,7 +102,7 @@ def read_run(path: str | Path) -> Run:
             kind = str(OmegaConf.load(stage_dir / "config.yaml").get("kind", "?"))
         complete = checkpoint.is_complete(stage_dir)
         metrics = checkpoint.read_json(stage_dir / "metrics.json") if complete and (stage_dir / "metrics.json").exists() else {}
-        stages.append(Stage(slot, kind, complete, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+        stages.append(Stage(slot, kind, complete, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, reward_vs_verifier=read_reward_vs_verifier(stage_dir)))
     if not stages:
         raise RLHFError(f"{path}: the run has no stages yet")
     # the next stage's start/ metrics describe this stage's final weights
@@ -169,7 +186,9 @@ def plot(runs: list[Run], path: Path) -> Optional[Path]:
     for run in runs:
         slots += [s.slot for s in run.stages if s.slot not in slots]
     panels = [(k, t) for k, t in PLOTTED if any(k in s.metrics for run in runs for s in run.stages)] or PLOTTED[:1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    hacking = [(name, s) for name, run in zip(_names(runs), runs) for s in run.stages if s.reward_vs_verifier]
+    n_axes = len(panels) + bool(hacking)
+    fig, axes = plt.subplots(1, n_axes, figsize=(4.2 * n_axes, 3.6), squeeze=False)
     passes = sorted({k for run in runs for s in run.stages for k in s.metrics if k.startswith("eval/pass@") and HEADROOM.fullmatch(k)})
     for ax, (key, title) in zip(axes[0], panels):
         # greedy task score beside what k samples reach (same colour per run, pass@k dashed)
@@ -188,6 +207,18 @@ def plot(runs: list[Run], path: Path) -> Optional[Path]:
         ax.set_xticks(range(len(slots)))
         ax.set_xticklabels(slots, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
+    if hacking:  # over training: the reward the stage optimised (solid, left axis: a learned
+        # reward has its own scale) beside the verifier's score (dashed, right axis)
+        ax = axes[0][-1]
+        right = ax.twinx()
+        for name, stage in hacking:
+            steps, reward, verifier = zip(*stage.reward_vs_verifier)
+            (line,) = ax.plot(steps, reward, "-", label=f"{name} {stage.slot}")
+            right.plot(steps, verifier, "--", color=line.get_color())
+        ax.set_title("reward (solid, left) vs verifier (dashed, right)", fontsize=10)
+        ax.set_xlabel("rollout", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     if len(runs) > 1 or passes:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()

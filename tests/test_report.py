@@ -66,6 +66,22 @@ def test_main_writes_plot(tmp_path, capsys):
     assert main([str(a), "--no-plot"]) == 0
 
 
+def test_reward_vs_verifier_is_read_and_plotted(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path, "ppo_run", [("sft", "sft", {"eval/task_score": 0.4}, True), ("ppo", "ppo", {"eval/task_score": 0.3}, True)])
+    rows = [
+        {"rollout": 0, "rollout/reward_mean": 0.1, "rollout/verifier_score": 0.40},
+        {"rollout": 1, "rollout/reward_mean": 0.5},  # no verifier score: left out
+        {"rollout": 2, "rollout/reward_mean": 0.9, "rollout/verifier_score": 0.30},  # hacking: reward up, verifier down
+    ]
+    (run / "stages" / "01_ppo" / "rollout_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft, ppo = read_run(run).stages
+    assert sft.reward_vs_verifier == [] and ppo.reward_vs_verifier == [(0, 0.1, 0.40), (2, 0.9, 0.30)]
+    out = tmp_path / "hacking.png"
+    assert main([str(run), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_not_a_run_dir(tmp_path):
     with pytest.raises(RLHFError, match="not a run dir"):
         main([str(tmp_path)])
