@@ -77,9 +77,12 @@ def test_reward_vs_verifier_is_read_and_plotted(tmp_path):
     (run / "stages" / "01_ppo" / "rollout_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sft, ppo = read_run(run).stages
     assert sft.reward_vs_verifier == [] and ppo.reward_vs_verifier == [(0, 0.1, 0.40), (2, 0.9, 0.30)]
-    out = tmp_path / "hacking.png"
+    out, plain = tmp_path / "hacking.png", tmp_path / "plain.png"
     assert main([str(run), "--plot", str(out)]) == 0
-    assert out.read_bytes()[:4] == b"\x89PNG"
+    (run / "stages" / "01_ppo" / "rollout_metrics.jsonl").unlink()
+    assert main([str(run), "--plot", str(plain)]) == 0
+    width = lambda png: int.from_bytes(png.read_bytes()[16:20], "big")  # noqa: E731  (the PNG header's width)
+    assert out.read_bytes()[:4] == b"\x89PNG" and width(out) > width(plain)  # one panel more
 
 
 def test_not_a_run_dir(tmp_path):
