@@ -238,3 +238,22 @@ def test_climb_lengths_are_checked():
         BuiltinTask(TaskConfig(families=["climb"], climb_min_len=2))
     with pytest.raises(ConfigError, match="climb_max_len=17"):
         BuiltinTask(TaskConfig(families=["climb"], climb_max_len=17))
+
+
+def test_arrange_near_misses_include_the_slips_the_policy_writes():
+    """corrupt (the reward model's and DPO's near misses) gives arrange answers with two alphabet
+    neighbours side by side and all letters right: the blind spot of a reward model trained on
+    random edits alone, which PPO climbed."""
+    task = BuiltinTask(TaskConfig(families=["arrange"]))
+    rng = random.Random(0)
+    prompt = "arrange: BDEFGHIKMO\n"
+    right = answer(prompt)
+    neighbours = letters = 0
+    for _ in range(300):
+        near = task.corrupt(prompt, right, rng)
+        assert near != right
+        if sorted(near) != sorted(right):
+            letters += 1
+        elif any(abs(ord(a) - ord(b)) == 1 for a, b in zip(near, near[1:])):
+            neighbours += 1
+    assert neighbours >= 75 and letters >= 75, (neighbours, letters)  # 107 and 171 with seed 0; 1/3 are neighbour slips

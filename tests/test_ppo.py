@@ -35,6 +35,11 @@ def digit_reward(prompts, responses):
 DIGITS = f"{__name__}.digit_reward"
 
 
+def scaled_digit_reward(prompts, responses):
+    """digit_reward in other units (x 10 + 5), as a learned reward model's outputs sit far from 0."""
+    return [10 * r + 5 for r in digit_reward(prompts, responses)]
+
+
 def make_ctx(tmp_path, kind: str = "ppo", seed: int = 0, **stage) -> StageContext:
     cfg = OmegaConf.merge(
         OmegaConf.structured(RunConfig),
@@ -107,6 +112,22 @@ def test_ppo_learns_and_reports(tmp_path):
     assert {"rollout/entropy", "train/value_loss", "train/explained_variance", "rollout/response_length"} <= set(rows[-1])
     assert result.metrics["rollout/reward_mean"] == rows[-1]["rollout/reward_mean"]
     assert not (ctx.stage_dir / "rollout_buffer").exists() or not any((ctx.stage_dir / "rollout_buffer").rglob("*.npy"))
+
+
+def test_normalized_rewards_make_the_update_independent_of_the_reward_units(tmp_path):
+    """normalize_rewards whitens each rollout's sequence rewards: a reward in other units (x 10 + 5)
+    gives the same update; without it, the same two rewards train differently."""
+    stage = dict(SMALL, max_steps=1, normalize_rewards=True)
+    plain = make_ctx(tmp_path / "plain", **stage)
+    scaled = make_ctx(tmp_path / "scaled", **dict(stage, reward_fn=f"{__name__}.scaled_digit_reward"))
+    ppo.run(plain)
+    ppo.run(scaled)
+    assert history(scaled)[0]["rollout/reward_mean"] != pytest.approx(history(plain)[0]["rollout/reward_mean"])  # logged raw
+    for (name, p), q in zip(plain.policy.named_parameters(), scaled.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+    raw = make_ctx(tmp_path / "raw", **dict(stage, normalize_rewards=False, reward_fn=f"{__name__}.scaled_digit_reward"))
+    ppo.run(raw)
+    assert any(not torch.allclose(p, q, atol=1e-5) for p, q in zip(plain.policy.parameters(), raw.policy.parameters()))
 
 
 class Crash(L.Callback):

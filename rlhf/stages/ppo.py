@@ -50,6 +50,7 @@ from rlhf.losses.policy_gradient import (
     gae,
     kl_estimate,
     masked_mean,
+    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
@@ -111,6 +112,12 @@ class Config(StageConfig):
     kl_estimator: str = "k1"  # k1 | k3 (per-token penalty)
     ent_coef: float = 0.0  # entropy bonus
     whiten_advantages: bool = True
+    # whiten each generation chunk's sequence rewards, (r - mean) / std, before the KL penalty:
+    # a learned reward model's outputs sit near 5 here, where a value head starting at 0 (lr
+    # 2e-4, values clipped to +-0.2 per update) never caught up (explained variance 0.02) and
+    # its loss dragged the shared trunk (entropy 0.25 -> 0.5). OpenRLHF's normalize_reward
+    # uses the reward model's running moments instead; TRL's whiten_rewards keeps the mean
+    normalize_rewards: bool = False
     ptx_coef: float = 0.0  # PPO-ptx: weight of the SFT loss on the task's solved examples
     ptx_batch_size: int = 16
     buffer: str = "memory"  # memory | memmap (numpy files in the stage dir)
@@ -198,7 +205,8 @@ class PPOModule(L.LightningModule):
             kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
             rewards = -self.kl_ctl.value * kl
             last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
-            rewards[torch.arange(len(last)), last] += ro.rewards
+            seq_rewards = masked_whiten(ro.rewards, torch.ones_like(ro.rewards)) if cfg.normalize_rewards else ro.rewards
+            rewards[torch.arange(len(last)), last] += seq_rewards
             adv, ret = gae(rewards, values, mask, cfg.gamma, cfg.lam)
             advantages.add(adv, mask)
             returns.add(ret, mask)

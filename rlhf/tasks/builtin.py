@@ -356,7 +356,14 @@ class BuiltinTask:
         return "".join(p + answer(p) + "\n" for p in (self.train_prompt(rng) for _ in range(num_examples)))
 
     def corrupt(self, prompt: str, response: str, rng: random.Random) -> str:
-        """A near miss of the kind a small model makes: a wrong, dropped, doubled or swapped character."""
+        """A near miss of the kind a small model makes: a wrong, dropped, doubled or swapped character;
+        for arrange also (two thirds of the time) the slips its policy writes, `letter_slip` and
+        `neighbour_slip`: a reward model trained on random edits alone scored two alphabet
+        neighbours side by side like the right answer (5.92 vs 6.08), and PPO climbed it."""
+        if prompt.startswith("arrange") and (u := rng.random()) < 2 / 3:
+            slipped = self.letter_slip(prompt, response, rng) if u < 1 / 3 else self.neighbour_slip(response, rng)
+            if slipped != response:
+                return slipped
         chars = list(response)
         pool = string.digits if prompt.startswith("add") else string.ascii_lowercase
         while True:
