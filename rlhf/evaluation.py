@@ -74,18 +74,25 @@ from tqdm.auto import tqdm
 from rlhf.sampling import SamplingConfig, generate
 
 
-def generate_text(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> list[str]:
-    """Responses (EOS stripped) to `prompts`, batched, with the KV cache."""
+def generate_responses(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> tuple[list[str], list[bool]]:
+    """Responses (EOS stripped) to `prompts`, batched, with the KV cache, and whether each one
+    finished (ended with EOS) rather than being cut off at cfg.max_new_tokens."""
     responses: list[str] = []
+    finished: list[bool] = []
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="generating", leave=False, disable=not progress):
         chunk = prompts[start : start + batch_size]
         gen = generate(policy, [tokenizer.encode(p) for p in chunk], cfg, tokenizer.eos_id, tokenizer.pad_id, generator)
         for ids in gen.response_ids():
-            if ids and ids[-1] == tokenizer.eos_id:
-                ids = ids[:-1]
-            responses.append(tokenizer.decode(ids))
-    return responses
+            done = bool(ids) and ids[-1] == tokenizer.eos_id
+            responses.append(tokenizer.decode(ids[:-1] if done else ids))
+            finished.append(done)
+    return responses, finished
+
+
+def generate_text(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> list[str]:
+    """Responses (EOS stripped) to `prompts`, batched, with the KV cache."""
+    return generate_responses(policy, tokenizer, prompts, cfg, batch_size, generator, progress)[0]
 
 
 @torch.no_grad()

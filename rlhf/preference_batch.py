@@ -35,9 +35,11 @@ class PreferenceLossConfig:
     # RPO-style NLL on the chosen response, per token. Plain DPO lowers the chosen
     # response's log-prob too and collapses on small models (docs/results_dpo.md).
     nll_weight: float = 0.2
-    # DPO variants sum token log-probs over the response; True averages them per token.
-    # simpo and rrhf always use averages (their definition).
-    average_logprobs: bool = False
+    # True: per-token averages of the response log-probs; False: their sums (DPO's definition).
+    # None (default): averages for ipo (as TRL and the IPO authors' advice: the squared target
+    # 1/(2 beta) is on the scale of one token), sums for the other DPO losses. simpo and rrhf
+    # always use averages (their definition).
+    average_logprobs: Optional[bool] = None
 
 
 def check_loss_config(cfg: PreferenceLossConfig, slot: str) -> None:
@@ -51,6 +53,11 @@ def check_loss_config(cfg: PreferenceLossConfig, slot: str) -> None:
         raise ConfigError(f"stages.{slot}.label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.nll_weight < 0:
         raise ConfigError(f"stages.{slot}.nll_weight must be >= 0, got {cfg.nll_weight}")
+
+
+def uses_average_logprobs(cfg: PreferenceLossConfig) -> bool:
+    """Whether the DPO-style losses see per-token averages of the response log-probs."""
+    return cfg.loss == "ipo" if cfg.average_logprobs is None else cfg.average_logprobs
 
 
 def needs_reference(cfg: PreferenceLossConfig) -> bool:
@@ -76,16 +83,17 @@ def starting_reference(ctx):
 @dataclass(frozen=True)
 class EncodedPair:
     prompt: list[int]
-    chosen: list[int]  # ends with EOS
-    rejected: list[int]  # ends with EOS
+    chosen: list[int]  # ends with EOS unless cut off at the token limit
+    rejected: list[int]  # ends with EOS unless cut off at the token limit
 
 
 def encode_pair(pair: PreferencePair, tokenizer, max_length: int) -> EncodedPair:
-    """Token ids of a pair; responses get the EOS (as in SFT). Too long: the prompt loses its
-    start (keeping at least half the budget when responses are long), then responses their end."""
+    """Token ids of a pair; finished responses get the EOS (as in SFT), generations cut off at
+    the token limit (`*_finished` False) do not. Too long: the prompt loses its start (keeping
+    at least half the budget when responses are long), then responses their end."""
     prompt = tokenizer.encode(pair.prompt)
-    chosen = tokenizer.encode(pair.chosen) + [tokenizer.eos_id]
-    rejected = tokenizer.encode(pair.rejected) + [tokenizer.eos_id]
+    chosen = tokenizer.encode(pair.chosen) + [tokenizer.eos_id] * pair.chosen_finished
+    rejected = tokenizer.encode(pair.rejected) + [tokenizer.eos_id] * pair.rejected_finished
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest > max_length:
         keep = max(max_length - longest, max_length // 2, 1)
@@ -193,7 +201,7 @@ def preference_loss(
             raise ValueError(f"loss {cfg.loss!r} needs reference log-probs")
         ref = reference.to(sums.dtype)
         ref_c, ref_r = ref[:, 0], ref[:, 1]
-        if cfg.average_logprobs:
+        if uses_average_logprobs(cfg):
             chosen, rejected = chosen_avg, rejected_avg
             ref_c, ref_r = ref_c / lengths[:b], ref_r / lengths[b:]
         out = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.loss, cfg.label_smoothing)

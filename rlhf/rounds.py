@@ -123,7 +123,7 @@ class RoundPairs:
         pair_rows = [row for row in rows if row["status"] == "pair"]
         first = rows[0]["candidates"][0]["response"]
         return cls.build(
-            [PreferencePair(row["prompt"], row["chosen"], row["rejected"]) for row in pair_rows],
+            [row_pair(row) for row in pair_rows],
             [row["ref"] for row in pair_rows] if with_reference else None,
             PreferencePair(rows[0]["prompt"], first, first),
             tokenizer, max_length, seed, r,
@@ -161,13 +161,27 @@ def new_round_rows(module, r: int, make_rows: Callable[[int], list[dict]], eval_
     return rows
 
 
+def row_pair(row: dict, chosen: str = "chosen", rejected: str = "rejected") -> PreferencePair:
+    """The pair a round row names, with whether each side finished (`<key>_finished`; rows
+    written before the flag existed count as finished)."""
+    return PreferencePair(row["prompt"], row[chosen], row[rejected], row.get(f"{chosen}_finished", True), row.get(f"{rejected}_finished", True))
+
+
+def mark_finished(row: dict, candidates: Sequence[dict]) -> None:
+    """Set row["chosen_finished"] / row["rejected_finished"] from the candidates' "finished"
+    flags: a text counts as finished if any candidate with that text ended with EOS."""
+    for side in ("chosen", "rejected"):
+        if row.get(side) is not None:
+            row[f"{side}_finished"] = any(c["finished"] for c in candidates if c["response"] == row[side])
+
+
 def attach_reference(rows: list[dict], model, tokenizer, max_length: int, batch_size: int, device, chosen: str = "chosen", rejected: str = "rejected") -> None:
     """Each "pair" row's reference log-probs of (row[chosen], row[rejected]) as row["ref"]:
     computed once per round and saved with it, never per step."""
     pair_rows = [row for row in rows if row["status"] == "pair"]
     if not pair_rows:
         return
-    encoded = [encode_pair(PreferencePair(row["prompt"], row[chosen], row[rejected]), tokenizer, max_length) for row in pair_rows]
+    encoded = [encode_pair(row_pair(row, chosen, rejected), tokenizer, max_length) for row in pair_rows]
     for row, values in zip(pair_rows, reference_logprobs(model, encoded, tokenizer.pad_id, batch_size, device).tolist()):
         row["ref"] = values
 

@@ -115,8 +115,10 @@ def test_preference_loss_hand_computed():
     assert metrics["logps/chosen"].item() == -2.0
     # per-token averages: (-1 - -1.5) - (-1 - -0.75) = 0.75; log(1 + e^-0.75) = 0.386871
     assert _loss(average_logprobs=True)[0].item() == pytest.approx(0.386871 + 0.5, abs=1e-5)
-    # IPO: (h - 1 / (2 beta))^2 = 1.5^2
-    assert _loss(loss="ipo")[0].item() == pytest.approx(2.25 + 0.5, abs=1e-5)
+    # IPO on per-token averages by default, as TRL: (0.75 - 1 / (2 beta))^2 = 0.25^2
+    assert _loss(loss="ipo")[0].item() == pytest.approx(0.0625 + 0.5, abs=1e-5)
+    # on sums only when asked: (2 - 0.5)^2
+    assert _loss(loss="ipo", average_logprobs=False)[0].item() == pytest.approx(2.25 + 0.5, abs=1e-5)
     # SimPO is reference-free on averages: -logsigmoid(1 * (-1 - -1) - 0.5) = log(1 + e^0.5) = 0.974077
     assert _loss(loss="simpo", simpo_gamma=0.5)[0].item() == pytest.approx(0.974077 + 0.5, abs=1e-5)
     # RRHF: relu(-1 - -1) = 0, so only the NLL term is left

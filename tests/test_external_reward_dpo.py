@@ -77,6 +77,9 @@ def test_best_vs_worst_pairs_the_extremes():
     assert [c["reward"] for c in row["candidates"]] == [0.2, 0.9, 0.1]
     # equal best rewards: the first one is chosen
     assert erdpo.best_vs_worst("p", ["a", "b", "c"], [1.0, 1.0, 0.0])["chosen"] == "a"
+    # a candidate cut off at the token limit is recorded as unfinished (trained without EOS)
+    row = erdpo.best_vs_worst("p", ["a", "b", "c"], [0.2, 0.9, 0.1], finished=[True, True, False])
+    assert row["chosen_finished"] and not row["rejected_finished"] and not row["candidates"][2]["finished"]
 
 
 def test_ties_and_missing_scores_give_no_pair():
@@ -142,8 +145,8 @@ def test_resume_mid_round_reloads_the_round_and_matches_an_uninterrupted_run(tmp
     erdpo.run(straight)
     erdpo.run(make_ctx(tmp_path / "b", initial=initial, max_steps=3, **flat))  # stops mid round 1
     calls = []
-    real = erdpo.generate_text
-    monkeypatch.setattr(erdpo, "generate_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = erdpo.generate_responses
+    monkeypatch.setattr(erdpo, "generate_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = make_ctx(tmp_path / "b", initial=initial, max_steps=4, **flat)
     erdpo.run(resumed)
     assert calls == []  # round 1 came from its file, not from the mid-round weights

@@ -322,7 +322,7 @@ G_ADV = torch.tensor([2.0, 1.0])
 G_MASK = t([1, 0, 0], [1, 1, 0])
 
 
-@pytest.mark.parametrize("kind", ["grpo", "rloo", "reinforce"])
+@pytest.mark.parametrize("kind", ["grpo", "reinforce"])
 def test_grpo_loss_sequence_mean_hand_computed(kind):
     loss, metrics = grpo_policy_loss(G_LOGP, torch.zeros(2, 3), G_ADV, G_MASK, clip_eps=0.2, kind=kind)
     # per-sequence means: -2.4 and (-1 - 0.5)/2 = -0.75 ; mean = -1.575
@@ -330,6 +330,17 @@ def test_grpo_loss_sequence_mean_hand_computed(kind):
     assert loss.item() == pytest.approx(-1.575, abs=ATOL)
     assert metrics["clip_fraction"].item() == pytest.approx(1 / 3, abs=ATOL)
     assert "kl" not in metrics
+
+
+def test_rloo_loss_is_reinforce_on_the_whole_sequence():
+    # per-sequence sums: -2.4 and -1 - 0.5 = -1.5 ; mean = -1.95
+    loss, _ = grpo_policy_loss(G_LOGP, torch.zeros(2, 3), G_ADV, G_MASK, clip_eps=0.2, kind="rloo")
+    assert loss.item() == pytest.approx(-1.95, abs=ATOL)
+    # on-policy, every valid token's gradient is -A / B whatever the sequence's length
+    # (a per-token mean would give -A / (B * length): -0.5 for the 2-token row)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    grpo_policy_loss(logp, logp.detach(), G_ADV, G_MASK, clip_eps=0.2, kind="rloo")[0].backward()
+    assert torch.allclose(logp.grad, t([-1.0, 0.0, 0.0], [-0.5, -0.5, 0.0]))
 
 
 def test_dr_grpo_loss_constant_normaliser_hand_computed():

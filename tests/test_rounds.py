@@ -1,8 +1,13 @@
 """The online-round pieces shared by external-reward DPO, self-rewarding DPO and SPIN."""
 
+import torch
+
 from rlhf.data.examples import PreferencePair
 from rlhf.data.tokenizer import CharTokenizer
-from rlhf.rounds import RoundPairs, load_or_make, round_batches, round_path
+from rlhf.evaluation import generate_responses
+from rlhf.preference_batch import encode_pair
+from rlhf.rounds import RoundPairs, load_or_make, mark_finished, round_batches, round_path, row_pair
+from rlhf.sampling import SamplingConfig
 from rlhf.tasks.builtin import ALPHABET
 
 TOK = CharTokenizer(ALPHABET)
@@ -42,3 +47,38 @@ def test_load_or_make_reloads_instead_of_making_again(tmp_path):
     assert rows == [{"index": 0, "x": 1.5}] and not reloaded and made == [1]
     rows, reloaded = load_or_make(path, lambda: made.append(1) or [], True)
     assert rows == [{"index": 0, "x": 1.5}] and reloaded and made == [1]
+
+
+class _Scripted(torch.nn.Module):
+    """Greedy stand-in: a row whose prompt starts with "a" ends at once (EOS); any other row
+    writes "c" until the token limit."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def decode_step(self, tokens, cache=None, seq_start_pos=None):
+        logits = torch.zeros(tokens.shape[0], TOK.vocab_size)
+        ends = tokens[torch.arange(tokens.shape[0]), seq_start_pos] == TOK.encode("a")[0]
+        logits[ends, TOK.eos_id] = 1.0
+        logits[~ends, TOK.encode("c")[0]] = 1.0
+        return logits, None
+
+
+def test_a_generation_cut_off_at_the_limit_is_unfinished_and_trained_without_eos():
+    responses, finished = generate_responses(_Scripted(), TOK, ["a", "b"], SamplingConfig(max_new_tokens=3, temperature=0.0), batch_size=2)
+    assert responses == ["", "ccc"] and finished == [True, False]
+    # a pair's unfinished side gets no EOS, its finished side does
+    pair = encode_pair(PreferencePair("b", "ab", "ccc", True, False), TOK, 64)
+    assert pair.chosen == TOK.encode("ab") + [TOK.eos_id] and pair.rejected == TOK.encode("ccc")
+    # round rows carry the flags (rows written before them count as finished)
+    candidates = [{"response": "ab", "finished": True}, {"response": "ccc", "finished": False}]
+    row = {"prompt": "b", "status": "pair", "chosen": "ab", "rejected": "ccc"}
+    assert row_pair(row) == PreferencePair("b", "ab", "ccc")
+    mark_finished(row, candidates)
+    assert row["chosen_finished"] and not row["rejected_finished"]
+    data = RoundPairs.best_vs_worst([{**row, "candidates": candidates}], False, TOK, 64, 0, 0)
+    assert data.pairs[0].rejected == TOK.encode("ccc") and data.pairs[0].chosen[-1] == TOK.eos_id
+    # the same text written once to the end and once cut off counts as finished
+    mark_finished(row, candidates + [{"response": "ccc", "finished": True}])
+    assert row["rejected_finished"]

@@ -16,6 +16,10 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    # False for a generation cut off at the token limit: it is trained without an EOS, so a
+    # truncated text is never taught as a finished one
+    chosen_finished: bool = True
+    rejected_finished: bool = True
 
 
 @dataclass(frozen=True)

@@ -325,8 +325,13 @@ def grpo_policy_loss(
     Per token: l_t = max(-A * ratio_t, -A * clip(ratio_t, 1 - eps, 1 + eps))
                      [+ kl_coef * k3_t,  k3_t = exp(ref_logp - logp) - 1 - (ref_logp - logp)]
     where A = advantages[b] is broadcast over the sequence's tokens. Aggregation:
-    - "grpo", "rloo", "reinforce": mean over sequences of the per-sequence masked
-      mean over tokens (Shao et al. 2024).
+    - "grpo", "reinforce": mean over sequences of the per-sequence masked mean over
+      tokens (Shao et al. 2024).
+    - "rloo": mean over sequences of the per-sequence masked SUM over tokens: on-policy
+      (ratio 1) each sequence contributes -A * log pi(y), REINFORCE on the whole sequence as in
+      RLOO (Ahmadian et al. 2024), with no 1/length weight. The clip stays per token (TRL's
+      former RLOOTrainer clipped one summed-log-prob ratio per sequence; the paper, one update
+      per batch, clips nothing).
     - "dr_grpo": mean over sequences of the masked SUM over tokens divided by the
       constant max_len (T if None), removing the length bias (Liu et al. 2025).
     - "dapo": the masked mean over ALL valid tokens of the batch (DAPO's token-level loss,
@@ -382,6 +387,8 @@ def grpo_policy_loss(
         if divisor <= 0:
             raise ValueError(f"max_len must be > 0, got {divisor}")
         per_sequence = masked_sum(per_token, mask, dim=1) / divisor
+    elif kind == "rloo":
+        per_sequence = masked_sum(per_token, mask, dim=1)
     else:
         per_sequence = masked_mean(per_token, mask, dim=1)
     return per_sequence.mean(), metrics

@@ -40,7 +40,7 @@ import torch
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
-from rlhf.evaluation import generate_text
+from rlhf.evaluation import generate_responses
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
@@ -58,6 +58,7 @@ from rlhf.rounds import (
     attach_reference,
     gather_rows,
     load_or_make,
+    mark_finished,
     new_round_rows,
     recent_means,
     round_batches,
@@ -101,18 +102,25 @@ class Config(PreferenceLossConfig, StageConfig):
 
 
 def best_vs_worst(
-    prompt: str, responses: Sequence[str], rewards: Sequence[Optional[float]], min_gap: float = 0.0, min_chosen: Optional[float] = None
+    prompt: str,
+    responses: Sequence[str],
+    rewards: Sequence[Optional[float]],
+    min_gap: float = 0.0,
+    min_chosen: Optional[float] = None,
+    finished: Optional[Sequence[bool]] = None,
 ) -> dict:
     """One prompt's row: every candidate with its reward, and its pair or why it has none.
 
     status "pair": chosen = the (first) best, rejected = the (first) worst candidate;
     "tie": best - worst <= min_gap; "missing": fewer than two candidates have a finite reward;
-    "low": the best reward is below min_chosen.
+    "low": the best reward is below min_chosen. `finished` (default: all) says which
+    candidates ended with EOS; a pair records it as chosen_finished / rejected_finished.
     """
     clean = [float(s) if s is not None and math.isfinite(s) else None for s in rewards]
+    done = [True] * len(responses) if finished is None else [bool(f) for f in finished]
     row = {
         "prompt": prompt,
-        "candidates": [{"response": r, "reward": s} for r, s in zip(responses, clean)],
+        "candidates": [{"response": r, "reward": s, "finished": f} for r, s, f in zip(responses, clean, done)],
         "status": "missing",
         "chosen": None,
         "rejected": None,
@@ -129,6 +137,7 @@ def best_vs_worst(
         row["status"] = "low"
         return row
     row.update(status="pair", chosen=best[1], rejected=worst[1], chosen_reward=best[0], rejected_reward=worst[0])
+    mark_finished(row, row["candidates"])
     return row
 
 
@@ -189,11 +198,11 @@ class OnlineDPOModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(cfg.num_candidates)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "sample", r, rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        responses = generate_text(self.policy, tok, repeated, sampling, cfg.generation_batch_size, generator)
+        responses, finished = generate_responses(self.policy, tok, repeated, sampling, cfg.generation_batch_size, generator)
         rewards = list(self.reward(repeated, responses))
         n = cfg.num_candidates
         rows = [
-            {"index": i, **best_vs_worst(prompts[i], responses[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n], cfg.min_reward_gap, cfg.min_chosen_reward)}
+            {"index": i, **best_vs_worst(prompts[i], responses[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n], cfg.min_reward_gap, cfg.min_chosen_reward, finished[j * n : (j + 1) * n])}
             for j, i in enumerate(mine)
         ]
         if needs_reference(cfg):

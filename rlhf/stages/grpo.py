@@ -4,7 +4,8 @@ For each of `rollout_batch_size` prompts, `group_size` responses are sampled (ba
 cache); each response's advantage is its reward relative to the others of its group
 (rlhf.losses.policy_gradient.group_advantages): no value model. The loss is the
 token-level clipped surrogate of `grpo_policy_loss`, aggregated as the advantage kind
-prescribes, with an optional k3 KL penalty to the reference (`kl_coef`, 0 by default; the
+prescribes (GRPO: a mean over each response's tokens; RLOO: their sum, REINFORCE on the whole
+sequence), with an optional k3 KL penalty to the reference (`kl_coef`, 0 by default; the
 KL is measured and logged anyway unless `track_kl` is off). `ppo_epochs` passes over
 `minibatch_size`-row minibatches per rollout, like PPO; the default is one update per
 rollout, as in DeepSeekMath.

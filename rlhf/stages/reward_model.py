@@ -145,7 +145,8 @@ def builtin_row(task, tok, cfg: Config, rng: random.Random, pool: list[tuple[str
         prompt = task.train_prompt(rng)
         chosen, rejected = graded_pair(task, prompt, answer(prompt), rng, cfg.max_edits)
     else:
-        prompt, chosen, rejected = dataclasses.astuple(task.preference_pair(rng))
+        pair = task.preference_pair(rng)
+        prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
     return tok.encode(prompt), tok.encode(chosen), tok.encode(rejected)
 
 

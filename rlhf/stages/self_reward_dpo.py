@@ -55,7 +55,7 @@ import torch
 from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
-from rlhf.evaluation import generate_text
+from rlhf.evaluation import generate_responses
 from rlhf.judge import JudgeConfig, evaluate_judge, judge, own_judging_examples, template_fields
 from rlhf.logprobs import response_nll, sequence_logprobs
 from rlhf.preference_batch import (
@@ -74,6 +74,7 @@ from rlhf.rounds import (
     attach_reference,
     gather_rows,
     load_or_make,
+    mark_finished,
     new_round_rows,
     recent_means,
     round_batches,
@@ -225,17 +226,18 @@ class SelfRewardModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(k)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "sample", r, rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        responses = generate_text(self.policy, tok, repeated, sampling, cfg.generation_batch_size, generator)
+        responses, finished = generate_responses(self.policy, tok, repeated, sampling, cfg.generation_batch_size, generator)
         judged = judge(self.policy, tok, repeated, responses, cfg.judge, generator, cfg.generation_batch_size)
         rows = []
         for j, i in enumerate(mine):
             sl = slice(j * k, (j + 1) * k)
             candidates = [
-                {"response": resp, "judgements": jd.texts, "judge_references": jd.references, "judge_scores": jd.scores, "score": jd.score, "verifier": task.score(prompts[i], resp)}
-                for resp, jd in zip(responses[sl], judged[sl])
+                {"response": resp, "finished": done, "judgements": jd.texts, "judge_references": jd.references, "judge_scores": jd.scores, "score": jd.score, "verifier": task.score(prompts[i], resp)}
+                for resp, done, jd in zip(responses[sl], finished[sl], judged[sl])
             ]
             row = {"index": i, "round": r, "prompt": prompts[i], "candidates": candidates}
             row.update(select_pair([c["response"] for c in candidates], [c["score"] for c in candidates], cfg.min_score_gap))
+            mark_finished(row, candidates)
             if row["status"] == "pair":
                 truth = {c["response"]: c["verifier"] for c in candidates}
                 row["chosen_verifier"], row["rejected_verifier"] = truth[row["chosen"]], truth[row["rejected"]]

@@ -5,7 +5,8 @@ One stage is one iteration. The opponent is the stage's starting weights, frozen
 optimizer steps are split into rounds of `steps_per_round` steps; at the first step of round r:
   1. `batch_size * steps_per_round` SFT examples: the built-in task's `sft_example(rng)`
      seeded by (seed, r), or rows of `data` (JSONL {prompt, response}) in a seeded order;
-  2. the opponent answers each prompt (temperature 1: its own distribution; KV cache);
+  2. the opponent answers each prompt (temperature 1: its own distribution; KV cache); an
+     answer cut off at `max_new_tokens` is unfinished and is trained without an EOS;
   3. an answer identical to the real response teaches nothing (the loss's gradient is zero)
      and is dropped and counted;
   4. the opponent's log-probs of real and generated responses are computed once;
@@ -38,7 +39,7 @@ from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.data.examples import PreferencePair, SFTExample
 from rlhf.errors import ConfigError
-from rlhf.evaluation import generate_text
+from rlhf.evaluation import generate_responses
 from rlhf.losses.preference import chosen_nll, preference_accuracy, spin_loss
 from rlhf.preference_batch import log_now, pair_logprobs, starting_reference
 from rlhf.sampling import SamplingConfig
@@ -54,6 +55,7 @@ from rlhf.rounds import (
     round_batches,
     round_path,
     round_training_step,
+    row_pair,
 )
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import EpochSampler, adamw_with_schedule, mix_seed
@@ -148,7 +150,7 @@ class SpinModule(L.LightningModule):
         used = [row for row in rows if row["status"] == "pair"]
         # every answer already the real one: one stand-in pair, steps run with a zero loss
         self.data = RoundPairs.build(
-            [PreferencePair(row["prompt"], row["real"], row["generated"]) for row in used],
+            [row_pair(row, chosen="real", rejected="generated") for row in used],
             [row["ref"] for row in used],
             PreferencePair(rows[0]["prompt"], rows[0]["real"], rows[0]["real"]),
             self.ctx.tokenizer, self.ctx.policy.max_seq_len, self.ctx.seed, r,
@@ -159,6 +161,7 @@ class SpinModule(L.LightningModule):
             "round/examples": float(len(new)),
             "round/pairs": float(len(used)),
             "round/identical": float(sum(row["status"] == "identical" for row in rows)),
+            "round/truncated": float(sum(not row.get("generated_finished", True) for row in new)),
             "round/previous": float(len(rows) - len(new)),
             "round/mean_response_length": sum(len(row["generated"]) for row in new) / max(1, len(new)),
         }
@@ -177,19 +180,20 @@ class SpinModule(L.LightningModule):
         mine = list(range(len(examples)))[rank::world]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "sample", r, rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        generated = generate_text(self.opponent, tok, [examples[i].prompt for i in mine], sampling, cfg.generation_batch_size, generator)
+        generated, finished = generate_responses(self.opponent, tok, [examples[i].prompt for i in mine], sampling, cfg.generation_batch_size, generator)
         rows = []
-        for i, gen in zip(mine, generated):
+        for i, gen, done in zip(mine, generated, finished):
             ex = examples[i]
             score = self.ctx.task.score(ex.prompt, gen) if hasattr(self.ctx.task, "score") else None
-            rows.append({"index": i, "round": r, "source": "new", "prompt": ex.prompt, "real": ex.response, "generated": gen, "score": score})
+            # a generation cut off at max_new_tokens is trained without an EOS (unfinished)
+            rows.append({"index": i, "round": r, "source": "new", "prompt": ex.prompt, "real": ex.response, "generated": gen, "generated_finished": done, "score": score})
         if self.previous:  # as many again from the previous iteration, in the same rank split
             n = len(self.previous)
             for i in mine:
                 old = self.previous[(r * len(examples) + i) % n]
-                rows.append({"index": len(examples) + i, "round": r, "source": "previous", "prompt": old["prompt"], "real": old["real"], "generated": old["generated"]})
+                rows.append({"index": len(examples) + i, "round": r, "source": "previous", "prompt": old["prompt"], "real": old["real"], "generated": old["generated"], "generated_finished": old.get("generated_finished", True)})
         for row in rows:
-            row["status"] = "identical" if row["generated"] == row["real"] else "pair"
+            row["status"] = "identical" if row["generated"] == row["real"] and row["generated_finished"] else "pair"
         attach_reference(rows, self.opponent, tok, self.ctx.policy.max_seq_len, 4 * cfg.batch_size, self.device, chosen="real", rejected="generated")
         return gather_rows(rows, world)
 
