@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.config import typed_run_config, typed_stage_config
+from rlhf.errors import DataError
 from rlhf.model import build_model
 from rlhf.stage_context import StageContext
 from rlhf.stages import external_reward_dpo as erdpo
@@ -31,6 +32,10 @@ SMALL = {"batch_size": 4, "steps_per_round": 2, "num_candidates": 3, "max_new_to
 
 def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(len(r)) for r in responses]
+
+
+def constant_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [0.5] * len(responses)
 
 
 def make_ctx(stage_dir: Path, initial: dict | None = None, **stage) -> StageContext:
@@ -155,12 +160,13 @@ def test_resume_mid_round_reloads_the_round_and_matches_an_uninterrupted_run(tmp
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_refreshed_reference_and_all_tie_rounds_still_train(tmp_path):
-    # the verifier gives an untrained model 0 on (nearly) every answer: rounds of ties
-    stage = {**SMALL, "reward_fn": None, "loss": "hinge", "max_steps": 2}  # refresh_reference is the default
-    metrics = erdpo.run(make_ctx(tmp_path, **stage)).metrics
-    assert metrics["rounds/pairs"] + metrics["rounds/ties"] + metrics["rounds/missing"] == 8
-    assert math.isfinite(metrics.get("train/loss", 0.0))
+def test_a_stage_of_only_ties_trains_nothing_and_fails_naming_the_cause(tmp_path):
+    # a constant reward: every round ties. Its steps run with a zero loss (ranks stay in step),
+    # then the stage fails instead of being marked complete
+    stage = {**SMALL, "reward_fn": f"{__name__}.constant_reward", "loss": "hinge", "max_steps": 2}
+    with pytest.raises(DataError, match=r"stages.s: no usable pair in any round.*8 prompts tied.*rewards: \[0.5, 0.5, 0.5\]"):
+        erdpo.run(make_ctx(tmp_path, **stage))
+    assert len(read_rows(tmp_path / "rounds" / "round_000.jsonl")) == 8  # the round is kept, to look at
 
 
 # ---------------------------------------------------------------------------- CLI, end to end
@@ -180,7 +186,7 @@ TINY_ERDPO = ["stages.erdpo.max_steps=4", "stages.erdpo.steps_per_round=2", "sta
 @pytest.mark.slow
 @pytest.mark.skipif("reward_model" not in stage_kinds(), reason="the reward_model stage is not in this tree")
 def test_cli_external_reward_recipe_with_a_reward_model(tmp_path):
-    cli(tmp_path, "recipe=external_reward", "stages.sft.max_steps=4", "stages.rm.max_steps=4", "stages.rm.batch_size=4",
+    cli(tmp_path, "recipe=external_reward", "stages.sft.max_steps=4", "stages.rm.max_steps=4", "stages.rm.batch_size=4", "stages.erdpo.min_reward_gap=0",
         "stages.rm.policy_samples=0", *TINY_ERDPO)
     stage = tmp_path / "stages" / "02_erdpo"
     assert (stage / "COMPLETE").exists()
@@ -193,7 +199,7 @@ def test_cli_external_reward_recipe_with_a_reward_model(tmp_path):
 @pytest.mark.slow
 def test_cli_verifier_reward_under_two_process_ddp(tmp_path):
     # the recipe without its reward model: the verifier (the default reward) scores instead
-    cli(tmp_path, "recipe=external_reward", "~stage@stages.rm", "order=[sft,erdpo]", "stages.erdpo.reward_slot=null",
+    cli(tmp_path, "recipe=external_reward", "~stage@stages.rm", "order=[sft,erdpo]", "stages.erdpo.reward_slot=null", "stages.erdpo.min_reward_gap=0",
         "trainer=ddp_cpu", "stages.sft.max_steps=2", *TINY_ERDPO)
     stage = tmp_path / "stages" / "01_erdpo"
     metrics = json.loads((stage / "metrics.json").read_text())

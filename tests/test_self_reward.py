@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY
 from rlhf.config import typed_stage_config
 from rlhf.errors import ConfigError
-from rlhf.stages.self_reward_dpo import round_stats, select_pair
+from rlhf.stages.self_reward_dpo import no_pair_cause, round_stats, select_pair
 
 
 # ------------------------------------------------------------------------- pair selection
@@ -229,3 +229,28 @@ def test_eft_config_checks():
         typed_stage_config("eft", {"kind": "eft", "answer_fraction": 1.0})
     with pytest.raises(ConfigError, match="num_prompts"):
         typed_stage_config("eft", {"kind": "eft", "num_prompts": 0})
+
+
+def test_no_pair_cause_blames_the_judge_with_a_raw_judgement_or_the_ties():
+    def cand(scores, texts):
+        return {"response": "ab", "judge_scores": scores, "judgements": texts}
+
+    unparsed = [{"status": "unparseable", "candidates": [cand([None], ["Score: great"]), cand([None], ["fine"])]}]
+    cause = no_pair_cause(unparsed)
+    assert "did not parse (2 of 2" in cause and "'Score: great'" in cause
+    tied = [{"status": "tie", "candidates": [cand([3.0], ["3"]), cand([3.0], ["3"])]}]
+    assert "candidates of 1 of 1 prompts tied" in no_pair_cause(tied)
+
+
+@pytest.mark.slow
+def test_a_stage_whose_judge_never_parses_fails_and_is_not_complete(cli, tmp_path):
+    proc = cli(
+        "run", "recipe=self_reward", "task=easy", *TINY, "order=[sft,dpo_iter1]", "stages.sft.max_steps=2",
+        *[f"stages.dpo_iter1.{key}" for key in SMALL_ITER if not key.startswith("judge.score_regex")],
+        "stages.dpo_iter1.judge.score_regex='(Z{9})'", "stages.dpo_iter1.max_steps=2", f"hydra.run.dir={tmp_path}", check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stages.dpo_iter1: no usable pair" in last and "did not parse" in last, last
+    assert not (tmp_path / "stages" / "01_dpo_iter1" / "COMPLETE").exists()
+    assert (tmp_path / "stages" / "01_dpo_iter1" / "rounds" / "round_000.jsonl").exists()  # kept, to look at

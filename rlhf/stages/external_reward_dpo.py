@@ -39,7 +39,7 @@ import lightning as L
 import torch
 
 from rlhf.config import StageConfig
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_responses
 from rlhf.preference_batch import (
     PreferenceLossConfig,
@@ -141,6 +141,17 @@ def best_vs_worst(
     return row
 
 
+def no_pair_cause(rows: list[dict]) -> str:
+    """Why these rows made no pair, by count, with one row's rewards."""
+    count = {s: sum(row["status"] == s for row in rows) for s in STATUSES}
+    example = next((row for row in rows if row["status"] != "pair"), None)
+    rewards = [c["reward"] for c in example["candidates"]] if example else []
+    return (
+        f"{count['tie']} prompts tied (best - worst <= min_reward_gap), {count['missing']} had fewer than two finite rewards, "
+        f"{count['low']} had a best below min_chosen_reward (one prompt's rewards: {rewards})"
+    )
+
+
 def round_stats(rows: list[dict]) -> dict[str, float]:
     rewards = [c["reward"] for row in rows for c in row["candidates"] if c["reward"] is not None]
     best = [max(c["reward"] for c in row["candidates"] if c["reward"] is not None) for row in rows if row["status"] != "missing"]
@@ -240,4 +251,7 @@ def run(ctx: StageContext) -> StageResult:
         reference = starting_reference(ctx)
     module = OnlineDPOModule(ctx, reference)
     ctx.fit(module, round_batches(cfg.steps_per_round * cfg.accumulate_grad_batches))
-    return StageResult(ctx.policy, module.final_metrics())
+    metrics = module.final_metrics()
+    if not metrics["rounds/pairs"]:  # the stage trained on nothing: never mark it complete
+        raise DataError(f"stages.{ctx.slot}: no usable pair in any round, nothing was trained: {no_pair_cause(all_round_rows(ctx.stage_dir))}")
+    return StageResult(ctx.policy, metrics)

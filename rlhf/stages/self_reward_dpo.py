@@ -152,6 +152,20 @@ def select_pair(responses: Sequence[str], scores: Sequence[Optional[float]], min
     return out
 
 
+def no_pair_cause(rows: list[dict]) -> str:
+    """Why these rows made no pair: the judge's verdicts that did not parse (with one raw
+    judgement), or candidates that all tied."""
+    samples = [(s, t) for row in rows for c in row["candidates"] for s, t in zip(c["judge_scores"], c["judgements"])]
+    failed = [t for s, t in samples if s is None]
+    ties = sum(row["status"] == "tie" for row in rows)
+    if failed and len(failed) >= len(samples) / 2:
+        return (
+            f"the judge's verdicts did not parse ({len(failed)} of {len(samples)}; one raw judgement: {failed[0][:200]!r}); "
+            "check the judge's template and score pattern, or train the judge first (recipe=self_reward_eft)"
+        )
+    return f"the candidates of {ties} of {len(rows)} prompts tied; raise num_candidates or temperature, or lower min_score_gap"
+
+
 def round_stats(rows: list[dict]) -> dict[str, float]:
     candidates = [c for row in rows for c in row["candidates"]]
     judge_samples = [s for c in candidates for s in c["judge_scores"]]
@@ -208,7 +222,7 @@ class SelfRewardModule(L.LightningModule):
         self.rows = rows
         self.data = RoundPairs.best_vs_worst(rows, needs_reference(self.cfg), self.ctx.tokenizer, self.ctx.policy.max_seq_len, self.ctx.seed, r)
         if self.data.empty:
-            log.warning("%s round %d: no pair at all; its steps train nothing (raise num_candidates or temperature)", self.ctx.slot, r)
+            log.warning("%s round %d: no pair at all, its steps train nothing: %s", self.ctx.slot, r, no_pair_cause(rows))
         self.round = r
         stats = round_stats(rows)
         self.last_round.update(stats)
@@ -363,6 +377,9 @@ def run(ctx: StageContext) -> StageResult:
     module = SelfRewardModule(ctx, start if needs_reference(cfg) else None)
     ctx.fit(module, round_batches(cfg.steps_per_round * cfg.accumulate_grad_batches))
     metrics.update(module.final_metrics())
+    rows = all_round_rows(ctx.stage_dir)  # every rank: all of them raise, none waits for the others
+    if not any(row["status"] == "pair" for row in rows):  # the stage trained on nothing: never mark it complete
+        raise DataError(f"stages.{ctx.slot}: no usable pair in any round, nothing was trained: {no_pair_cause(rows)}")
     if ctx.is_global_zero:
         metrics.update(write_flat_files(Path(ctx.stage_dir)))
         if cfg.eval_prompts:

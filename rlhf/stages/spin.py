@@ -38,7 +38,7 @@ import torch
 from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.data.examples import PreferencePair, SFTExample
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_responses
 from rlhf.losses.preference import chosen_nll, preference_accuracy, spin_loss
 from rlhf.preference_batch import log_now, pair_logprobs, starting_reference
@@ -227,8 +227,10 @@ def run(ctx: StageContext) -> StageResult:
     module = SpinModule(ctx, opponent, previous)
     ctx.fit(module, round_batches(cfg.steps_per_round * cfg.accumulate_grad_batches))
     metrics = module.final_metrics()
+    rows = all_round_rows(ctx.stage_dir)  # every rank: all of them raise, none waits for the others
+    if not any(row["status"] == "pair" for row in rows):  # the stage trained on nothing: never mark it complete
+        raise DataError(f"stages.{ctx.slot}: no usable pair, nothing was trained: all {len(rows)} generations equal the real response (the model already reproduces the data)")
     if ctx.is_global_zero:
-        rows = all_round_rows(ctx.stage_dir)
         checkpoint.write_jsonl(Path(ctx.stage_dir) / "generations.jsonl", rows)
         new = [row for row in rows if row["source"] == "new"]
         metrics["pairs_total"] = float(sum(row["status"] == "pair" for row in rows))
