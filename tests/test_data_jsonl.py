@@ -11,6 +11,7 @@ import pytest
 
 from rlhf.data.examples import PreferencePair, Rating, SFTExample
 from rlhf.data.jsonl import (
+    BadRow,
     expand_paths,
     read_preference_pairs,
     read_ratings,
@@ -196,15 +197,13 @@ def test_hh_responses_sharing_their_first_words_split_at_assistant():
     assert pair == PreferencePair(TRANSCRIPT_PREFIX, " An apple.", " An orange.")
 
 
-def test_hh_non_shared_prefix_cuts_back_to_last_common_assistant():
-    # the two sides diverge inside the first assistant turn's text, i.e. before their own last
-    # "\n\nAssistant:" -> the prompt is the common prefix up to the last shared "\n\nAssistant:".
+def test_hh_transcripts_diverging_before_the_last_turn_are_not_a_pair():
+    # the two sides diverge inside an earlier assistant turn, then go on with more turns: the
+    # "responses" would be whole exchanges, not two answers to one conversation
     chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Fruit?\n\nAssistant: Apple."
     rejected = "\n\nHuman: Hi\n\nAssistant: Hey.\n\nHuman: Fruit?\n\nAssistant: Rock."
-    pair = split_transcript_pair(chosen, rejected)
-    assert pair.prompt == "\n\nHuman: Hi\n\nAssistant:"
-    assert pair.chosen == " Hello!\n\nHuman: Fruit?\n\nAssistant: Apple."
-    assert pair.rejected == " Hey.\n\nHuman: Fruit?\n\nAssistant: Rock."
+    with pytest.raises(BadRow, match="differ before their last"):
+        split_transcript_pair(chosen, rejected)
 
 
 @pytest.mark.parametrize(
@@ -215,6 +214,14 @@ def test_hh_non_shared_prefix_cuts_back_to_last_common_assistant():
         ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: ho\n\nAssistant: x"}, "chosen transcript has no"),
         ({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}, "share no prefix"),
         ({"chosen": TRANSCRIPT_PREFIX + " ", "rejected": TRANSCRIPT_PREFIX + " y"}, "chosen response after"),
+        # the sides differ inside a Human turn: two questions, not two answers to one
+        (
+            {
+                "chosen": "\n\nHuman: Hi\n\nAssistant: Hi.\n\nHuman: Is the sea salty?\n\nAssistant: Yes.",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: Hi.\n\nHuman: Is the sea sweet?\n\nAssistant: Yes.",
+            },
+            "differ before their last",
+        ),
         ({"chosen": TRANSCRIPT_PREFIX + " x"}, "missing key 'rejected'"),
         ({"prompt": "p", "chosen": "c", "rejected": 5}, "'rejected' must be a string"),
         ({"prompt": None, "chosen": "c", "rejected": "r"}, "'prompt' must be a string"),

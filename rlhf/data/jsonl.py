@@ -254,8 +254,9 @@ def split_transcript_pair(chosen: str, rejected: str) -> PreferencePair:
     last "\\n\\nAssistant:"; so it ends with "\\n\\nAssistant:" and the responses are what follows,
     KEEPING their leading space (``prompt + chosen_response == chosen`` exactly, which is also
     how a byte-level tokenizer sees running text). Raises `BadRow` for identical pairs, a
-    transcript without an "\\n\\nAssistant:" turn, no shared prefix up to such a turn, or an
-    empty response.
+    transcript without an "\\n\\nAssistant:" turn, no shared prefix up to such a turn, an
+    empty response, or transcripts that differ before their last Assistant turn (a response
+    holding a "\\n\\nHuman:" turn): a pair compares two answers to one prompt, not two prompts.
     """
     if chosen == rejected:
         raise BadRow("chosen and rejected are identical")
@@ -274,6 +275,11 @@ def split_transcript_pair(chosen: str, rejected: str) -> PreferencePair:
     for name in ("chosen", "rejected"):
         if not getattr(pair, name).strip():
             raise BadRow(f"{name} response after the last shared '\\n\\nAssistant:' is empty")
+        if HUMAN in getattr(pair, name):
+            raise BadRow(
+                f"the transcripts differ before their last '\\n\\nAssistant:' turn (the {name} response holds a "
+                "'\\n\\nHuman:' turn): a pair must compare two answers to the same conversation"
+            )
     return pair
 
 
