@@ -134,9 +134,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     prompts = [unescape(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts_file)
     policy, tokenizer = load_policy(Path(args.policy))
-    for p in prompts:
-        if not tokenizer.encode(p):  # the policy needs at least one token to continue
-            raise ConfigError(f"prompt {p!r} is empty")
     if args.reward is not None:
         reward_model, reward_tokenizer = load_reward_model(Path(args.reward))
         reward_fn = model_reward_fn(reward_model, reward_tokenizer)

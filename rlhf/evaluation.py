@@ -71,7 +71,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.sampling import SamplingConfig, generate
+from rlhf.sampling import SamplingConfig, encode_prompt, generate
 
 
 def generate_responses(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> tuple[list[str], list[bool]]:
@@ -82,7 +82,7 @@ def generate_responses(policy, tokenizer, prompts: list[str], cfg: SamplingConfi
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="generating", leave=False, disable=not progress):
         chunk = prompts[start : start + batch_size]
-        gen = generate(policy, [tokenizer.encode(p) for p in chunk], cfg, tokenizer.eos_id, tokenizer.pad_id, generator)
+        gen = generate(policy, [encode_prompt(tokenizer, p) for p in chunk], cfg, tokenizer.eos_id, tokenizer.pad_id, generator)
         for ids in gen.response_ids():
             done = bool(ids) and ids[-1] == tokenizer.eos_id
             responses.append(tokenizer.decode(ids[:-1] if done else ids))

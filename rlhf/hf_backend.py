@@ -300,6 +300,14 @@ class HFTokenizer:
         }
         Path(path).write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
 
+    @property
+    def bos_id(self) -> Optional[int]:
+        """The checkpoint's beginning-of-sequence token (rlhf.sampling.encode_prompt opens an
+        empty prompt with it), or None if it has none."""
+        bos = self.special_tokens.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        return self._tok.token_to_id(bos) if isinstance(bos, str) else None
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -18,7 +18,7 @@ from rlhf.data.examples import PreferencePair
 from rlhf.errors import ConfigError
 from rlhf.logprobs import sequence_logprobs, shared_prompt_logprobs
 from rlhf.losses.preference import DPO_LOSS_TYPES, chosen_nll, dpo_loss, preference_accuracy, rrhf_ranking_loss, simpo_loss
-from rlhf.sampling import join_prompt_response
+from rlhf.sampling import encode_prompt, join_prompt_response
 
 LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "rrhf")
 REFERENCE_FREE = ("simpo", "rrhf")
@@ -91,7 +91,7 @@ def encode_pair(pair: PreferencePair, tokenizer, max_length: int) -> EncodedPair
     """Token ids of a pair; finished responses get the EOS (as in SFT), generations cut off at
     the token limit (`*_finished` False) do not. Too long: the prompt loses its start (keeping
     at least half the budget when responses are long), then responses their end."""
-    prompt = tokenizer.encode(pair.prompt)
+    prompt = encode_prompt(tokenizer, pair.prompt)
     chosen = tokenizer.encode(pair.chosen) + [tokenizer.eos_id] * pair.chosen_finished
     rejected = tokenizer.encode(pair.rejected) + [tokenizer.eos_id] * pair.rejected_finished
     longest = max(len(chosen), len(rejected))
@@ -126,6 +126,8 @@ def pack_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> tuple[Tensor, Tenso
     ends, as if it followed the prompt alone), chosen and rejected masks, and each row's
     prompt's last index. `shared_prompt_forward` runs them; `collate_pairs` is the plain layout.
     """
+    if any(not p.prompt for p in pairs):  # the first response token is scored from the prompt's last
+        raise ValueError("pack_pairs needs at least one prompt token per pair (encode_pair gives one)")
     width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     tokens = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(pairs), width), dtype=torch.long)

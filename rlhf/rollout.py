@@ -32,7 +32,7 @@ from rlhf.losses.policy_gradient import spread_vanishes
 from rlhf.losses.policy_gradient import masked_mean
 from rlhf.reward import RewardFn, reward_function
 from rlhf.rollout_buffer import RolloutBuffer
-from rlhf.sampling import SamplingConfig, generate, join_prompt_response
+from rlhf.sampling import SamplingConfig, encode_prompt, generate, join_prompt_response
 from rlhf.training import mix_seed
 
 
@@ -86,7 +86,7 @@ def sample_rollout(
 ) -> Rollout:
     """Sample one response per prompt (batched, KV cache), join it to its prompt and score it."""
     device = next(policy.parameters()).device
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, use_cache=True)
     gen = generate(policy, prompt_ids, sampling, tokenizer.eos_id, tokenizer.pad_id, generator)
     response_ids = gen.response_ids()

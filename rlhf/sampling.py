@@ -43,7 +43,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError("empty prompt: every prompt needs at least one token")
+            raise ValueError("empty prompt: every prompt needs at least one token (encode it with encode_prompt)")
         tokens[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
     start = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
     return tokens, start
@@ -108,11 +108,20 @@ def generate(
     return Generation(out_tokens, out_logprobs, out_mask)
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids; an empty prompt is one beginning-of-sequence token (the tokenizer's
+    `bos_id`, else its EOS, which separates documents as GPT-2's <|endoftext|> does), so a
+    response's first token always has a position to be predicted from. Every layout (SFT, the
+    preference pairs, generation, rollouts) encodes prompts through here, so they agree."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return tokenizer.encode(text) or [tokenizer.eos_id if bos is None else bos]
+
+
 def encode_examples(tokenizer, examples, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`join_prompt_response` of (prompt, response) examples (anything with .prompt and
     .response text), each response closed by EOS: the (B, T) tokens and response mask SFT trains on."""
     return join_prompt_response(
-        [tokenizer.encode(e.prompt) for e in examples], [tokenizer.encode(e.response) + [tokenizer.eos_id] for e in examples], tokenizer.pad_id, device
+        [encode_prompt(tokenizer, e.prompt) for e in examples], [tokenizer.encode(e.response) + [tokenizer.eos_id] for e in examples], tokenizer.pad_id, device
     )
 
 

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.config import typed_run_config, typed_stage_config
-from rlhf.data.examples import PreferencePair
+from rlhf.data.examples import PreferencePair, SFTExample
+from rlhf.data.tokenizer import CharTokenizer
 from rlhf.model import ModelConfig, build_model
 from rlhf.preference_batch import (
     EncodedPair,
@@ -29,6 +30,7 @@ from rlhf.preference_batch import (
 from rlhf.stage_context import StageContext
 from rlhf.stages import dpo
 from rlhf.tasks import TaskConfig, build_task
+from rlhf.tasks.builtin import ALPHABET
 from rlhf.training import mix_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,3 +250,40 @@ def test_shared_prompt_packing_gives_the_two_row_log_probs_and_gradients():
     packed.sum().backward()
     assert torch.allclose(packed, plain, atol=1e-5) and torch.equal(packed_lengths, plain_lengths)
     assert torch.allclose(model.net.to_logits.weight.grad, plain_grad, atol=1e-5)
+
+
+def test_an_empty_prompt_opens_with_one_token_and_every_layout_agrees():
+    """No token before the response would leave its first token unscored: an empty prompt is
+    one BOS (our tokenizers: the EOS) in SFT, both DPO layouts and generation alike."""
+    from rlhf.model import CausalLM, ModelConfig
+    from rlhf.preference_batch import pack_pairs, shared_prompt_forward
+    from rlhf.sampling import encode_examples, encode_prompt
+
+    tok = CharTokenizer(ALPHABET)
+    assert encode_prompt(tok, "") == [tok.eos_id] and encode_prompt(tok, "ab") == tok.encode("ab")
+    pair = encode_pair(PreferencePair("", "ab", "c"), tok, max_length=64)
+    assert pair.prompt == [tok.eos_id] and pair.chosen == tok.encode("ab") + [tok.eos_id]
+    # SFT: every response token, the first included, is scored
+    tokens, mask = encode_examples(tok, [SFTExample("", "ab")])
+    assert tokens[0, 0].item() == tok.eos_id and mask[0].tolist() == [False, True, True, True]
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(dim=32, depth=2, heads=2), tok.vocab_size)
+    other = encode_pair(PreferencePair("sort: ba\n", "ab", "ba"), tok, max_length=64)
+    plain, _ = pair_logprobs(model, *collate_pairs([pair, other], tok.pad_id))
+    packed, _ = shared_prompt_forward(model, *pack_pairs([pair, other], tok.pad_id))
+    assert torch.allclose(packed, plain, atol=1e-5)
+    # the scored tokens are the response's own: "ab" + EOS and "c" + EOS
+    assert plain.shape == (4,) and all(v < 0 for v in plain.tolist())
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        pack_pairs([EncodedPair([], [5, 1], [6, 1])], tok.pad_id)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_dpo_on_empty_prompts_starts_at_ln2_in_either_layout(tmp_path, share_prompt):
+    # the policy equals its reference at step 0, so the DPO loss is ln 2 whatever the layout
+    # (it was 1.0252 with share_prompt false: the reference had been precomputed packed)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "", "chosen": c, "rejected": r}) + "\n" for c, r in [("ab", "c"), ("abc", "ba")]))
+    ctx = make_ctx(tmp_path / "s", data=str(data), batch_size=2, max_steps=1, nll_weight=0.0, eval_every=0, share_prompt=share_prompt)
+    metrics = dpo.run(ctx).metrics
+    assert metrics["train/preference_loss"] == pytest.approx(math.log(2), abs=1e-5)

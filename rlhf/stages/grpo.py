@@ -60,6 +60,7 @@ from rlhf.rollout import (
     trim,
     write_history,
 )
+from rlhf.sampling import encode_prompt
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import adamw_with_schedule, check_finite
 
@@ -141,7 +142,7 @@ class GRPOModule(L.LightningModule):
         """Sample group_size responses per prompt, score them, and fill a buffer with old (and reference) log-probs."""
         cfg, ctx, tok = self.cfg, self.ctx, self.ctx.tokenizer
         rows = [p for p in prompts for _ in range(cfg.group_size)]  # a group's rows are consecutive
-        width = max(len(tok.encode(p)) for p in prompts) + cfg.max_new_tokens
+        width = max(len(encode_prompt(tok, p)) for p in prompts) + cfg.max_new_tokens
         fields = {"tokens": "tokens", "response_mask": "mask", "sampled_logprobs": "shifted", "advantages": "row"}
         if not self.single_update:
             fields["old_logprobs"] = "shifted"

@@ -75,7 +75,7 @@ from rlhf.rollout import (
     trim,
     write_history,
 )
-from rlhf.sampling import encode_examples
+from rlhf.sampling import encode_examples, encode_prompt
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import adamw_with_schedule, check_finite, mix_seed
 
@@ -187,7 +187,7 @@ class PPOModule(L.LightningModule):
     def collect(self, step: int, prompts: list[str]):
         """Sample, score and prepare one rollout into a buffer: (buffer, advantage moments, metrics, first chunk)."""
         cfg, ctx, tok = self.cfg, self.ctx, self.ctx.tokenizer
-        width = max(len(tok.encode(p)) for p in prompts) + cfg.max_new_tokens
+        width = max(len(encode_prompt(tok, p)) for p in prompts) + cfg.max_new_tokens
         fields = {"tokens": "tokens", "response_mask": "mask", "old_logprobs": "shifted", "old_values": "shifted", "advantages": "shifted", "returns": "shifted"}
         buffer = make_buffer(cfg.buffer, ctx.stage_dir, self.global_rank, len(prompts), width, fields)
         generator = rollout_generator(ctx.seed, step, self.global_rank, self.device)

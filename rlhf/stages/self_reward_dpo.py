@@ -67,7 +67,7 @@ from rlhf.preference_batch import (
     preference_loss,
     starting_reference,
 )
-from rlhf.sampling import SamplingConfig, encode_examples, generate, join_prompt_response
+from rlhf.sampling import SamplingConfig, encode_examples, encode_prompt, generate, join_prompt_response
 from rlhf.rounds import (
     RoundPairs,
     all_round_rows,
@@ -300,7 +300,7 @@ def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
     total = 0.0
     for start in range(0, len(prompts), batch_size):
-        ids = [tokenizer.encode(p) for p in prompts[start : start + batch_size]]
+        ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         gen = generate(policy, ids, sampling, tokenizer.eos_id, tokenizer.pad_id, generator)
         tokens, mask = join_prompt_response(ids, gen.response_ids(), tokenizer.pad_id, device)
         total += float((sequence_logprobs(policy(tokens), tokens, mask) - sequence_logprobs(reference(tokens), tokens, mask)).sum())
