@@ -135,9 +135,35 @@ def typed_stage_config(slot: str, node: Any):
     except Exception as err:  # omegaconf names the key and the problem
         raise ConfigError(f"stages.{slot}: {err}".splitlines()[0]) from None
     try:
-        return OmegaConf.to_object(merged)  # runs the schema's __post_init__ checks, if any
+        typed = OmegaConf.to_object(merged)  # runs the schema's __post_init__ checks, if any
     except ConfigError as err:
         raise ConfigError(f"stages.{slot}: {err}") from None
+    check_stage_fields(slot, typed)
+    check = getattr(kinds[kind], "check_config", None)  # the kind's own checks, if it has any
+    if check is not None:
+        check(typed, slot)
+    return typed
+
+
+def check_stage_fields(slot: str, cfg: StageConfig) -> None:
+    """The fields every stage shares, checked when the run's config is read (before any stage
+    trains): one ConfigError naming the first wrong key."""
+    import math
+
+    rules = (
+        ("max_steps", cfg.max_steps >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
+        ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("grad_clip", cfg.grad_clip >= 0, ">= 0 (0: no clipping)"),
+        ("accumulate_grad_batches", cfg.accumulate_grad_batches >= 1, ">= 1"),
+        ("train_last_n_layers", cfg.train_last_n_layers is None or cfg.train_last_n_layers >= 0, ">= 0 or null"),
+    )
+    for key, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"stages.{slot}.{key} must be {want}, got {getattr(cfg, key)}")
 
 
 def typed_run_config(cfg: DictConfig) -> DictConfig:

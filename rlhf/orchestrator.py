@@ -82,10 +82,36 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+SLOT_FIELDS = ("reward_slot", "previous_slot", "kl_reference")  # stage fields that name another slot
+
+
+def check_slot_references(order: list[str], stage_cfgs: dict) -> None:
+    """Each slot a stage names (its reward model, previous SPIN iteration, KL reference) must run
+    before it in `order`."""
+    for i, slot in enumerate(order):
+        for field in SLOT_FIELDS:
+            named = getattr(stage_cfgs[slot], field, None)
+            if named is not None and named not in order[:i]:
+                raise ConfigError(f"stages.{slot}.{field}={named!r}: no such slot runs before {slot!r} in order={order}")
+
+
+def check_accelerator(trainer_cfg) -> None:
+    """A GPU asked for on a machine without one fails now, in one line, not inside Lightning."""
+    accelerator = str(trainer_cfg.accelerator).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={trainer_cfg.accelerator}: no CUDA GPU is available on this machine; run on the CPU (trainer=default or trainer=ddp_cpu)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps: Apple's MPS is not available on this machine; run on the CPU (trainer=default)")
+
+
 def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     """Run (or resume) every stage of `cfg` in `run_dir`; returns each slot's final metrics."""
     cfg = typed_run_config(cfg)
+    # every stage's config, its references to other slots and the accelerator are checked
+    # here, before the first stage trains: a mistake in the last stage costs no training
     stage_cfgs = {slot: typed_stage_config(slot, cfg.stages[slot]) for slot in cfg.order}
+    check_slot_references(list(cfg.order), stage_cfgs)
+    check_accelerator(cfg.trainer)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     run_dir = Path(run_dir)

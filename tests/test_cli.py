@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import TINY
@@ -76,6 +77,13 @@ def test_wandb_offline_run_per_stage(cli, tmp_path):
         (["recipe=sft", "stages.sft.kind=alchemy"], "alchemy"),
         (["resume=/nonexistent/run"], "/nonexistent/run"),
         (["recipe=sft", "task.families=[poetry]"], "families"),
+        # checked before the first stage trains: no SFT is lost to a mistake in a later stage
+        (["recipe=dpo", "stages.dpo.beta=0"], "stages.dpo.beta must be > 0"),
+        (["recipe=sft", "stages.sft.batch_size=0"], "stages.sft.batch_size must be >= 1, got 0"),
+        (["recipe=sft", "stages.sft.lr=-1"], "stages.sft.lr must be a finite number > 0, got -1"),
+        (["recipe=sft", "stages.sft.max_steps=-3"], "stages.sft.max_steps must be >= 1, got -3"),
+        (["recipe=spin", "stages.spin_iter2.previous_slot=spin_iter3"], "stages.spin_iter2.previous_slot='spin_iter3'"),
+        pytest.param(["recipe=sft", "trainer=gpu"], "trainer.accelerator=gpu: no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
     ],
 )
 def test_bad_input_gives_one_clear_error(cli, tmp_path, args, culprit):
@@ -84,7 +92,7 @@ def test_bad_input_gives_one_clear_error(cli, tmp_path, args, culprit):
     assert proc.returncode != 0
     assert culprit in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (run / "stages").exists() or not any((run / "stages").rglob("COMPLETE"))
+    assert not (run / "stages").exists() or not any((run / "stages").rglob("policy.safetensors"))
 
 
 def test_non_finite_loss_stops_with_a_clear_error(cli, tmp_path):

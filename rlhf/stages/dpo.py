@@ -189,6 +189,10 @@ class DPOModule(L.LightningModule):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
 
+# read by rlhf.config when the run's config is read, so a wrong loss setting fails before any stage trains
+check_config = check_loss_config
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     check_loss_config(cfg, ctx.slot)

@@ -237,11 +237,17 @@ class OnlineDPOModule(L.LightningModule):
         return {**out, **self.last_round, **totals}
 
 
+def check_config(cfg: Config, slot: str) -> None:
+    """The checks that need no model or task; rlhf.config runs them when the run's config is
+    read, so they fail before any stage trains."""
+    check_loss_config(cfg, slot)
+    if cfg.steps_per_round < 1 or cfg.num_candidates < 2:
+        raise ConfigError(f"stages.{slot}: steps_per_round must be >= 1 and num_candidates >= 2")
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    check_loss_config(cfg, ctx.slot)
-    if cfg.steps_per_round < 1 or cfg.num_candidates < 2:
-        raise ConfigError(f"stages.{ctx.slot}: steps_per_round must be >= 1 and num_candidates >= 2")
+    check_config(cfg, ctx.slot)
     if not hasattr(ctx.task, "train_prompt"):
         raise ConfigError(f"stages.{ctx.slot}: task {ctx.run_cfg.task.name!r} has no training prompts to sample from")
     if cfg.reward_slot is not None:

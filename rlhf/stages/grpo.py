@@ -267,36 +267,37 @@ class GRPOModule(L.LightningModule):
             write_history(self.ctx.stage_dir, self.history)
 
 
-def check_config(ctx: StageContext) -> None:
-    cfg = ctx.cfg
+def check_config(cfg: Config, slot: str) -> None:
+    """The checks that need no model or task; rlhf.config runs them when the run's config is
+    read, so they fail before any stage trains."""
     if cfg.advantage not in GROUP_ADVANTAGE_KINDS:
-        raise ConfigError(f"stages.{ctx.slot}.advantage={cfg.advantage!r} is not one of: {', '.join(GROUP_ADVANTAGE_KINDS)}")
+        raise ConfigError(f"stages.{slot}.advantage={cfg.advantage!r} is not one of: {', '.join(GROUP_ADVANTAGE_KINDS)}")
     if cfg.group_size < 2:
-        raise ConfigError(f"stages.{ctx.slot}.group_size must be >= 2 (advantages are relative to the group)")
+        raise ConfigError(f"stages.{slot}.group_size must be >= 2 (advantages are relative to the group)")
     if cfg.loss_type is not None and cfg.loss_type not in GRPO_LOSS_KINDS:
-        raise ConfigError(f"stages.{ctx.slot}.loss_type={cfg.loss_type!r} is not one of: {', '.join(GRPO_LOSS_KINDS)}")
+        raise ConfigError(f"stages.{slot}.loss_type={cfg.loss_type!r} is not one of: {', '.join(GRPO_LOSS_KINDS)}")
     if cfg.ratio_level not in RATIO_LEVELS:
-        raise ConfigError(f"stages.{ctx.slot}.ratio_level={cfg.ratio_level!r} is not one of: {', '.join(RATIO_LEVELS)}")
+        raise ConfigError(f"stages.{slot}.ratio_level={cfg.ratio_level!r} is not one of: {', '.join(RATIO_LEVELS)}")
     if cfg.ratio_level == "sequence" and cfg.loss_type == "dapo":
-        raise ConfigError(f"stages.{ctx.slot}: loss_type=dapo averages over tokens, ratio_level=sequence over sequences; choose one")
+        raise ConfigError(f"stages.{slot}: loss_type=dapo averages over tokens, ratio_level=sequence over sequences; choose one")
     if cfg.clip_eps_high is not None and cfg.clip_eps_high < 0:
-        raise ConfigError(f"stages.{ctx.slot}.clip_eps_high={cfg.clip_eps_high} must be >= 0")
+        raise ConfigError(f"stages.{slot}.clip_eps_high={cfg.clip_eps_high} must be >= 0")
     rows = cfg.rollout_batch_size * cfg.group_size
     if cfg.minibatch_size is not None and rows % cfg.minibatch_size:
-        raise ConfigError(f"stages.{ctx.slot}: rollout_batch_size * group_size = {rows} must be a multiple of minibatch_size={cfg.minibatch_size}")
+        raise ConfigError(f"stages.{slot}: rollout_batch_size * group_size = {rows} must be a multiple of minibatch_size={cfg.minibatch_size}")
     if cfg.micro_batch_size is not None and (cfg.minibatch_size or rows) % cfg.micro_batch_size:
-        raise ConfigError(f"stages.{ctx.slot}: the minibatch ({cfg.minibatch_size or rows} rows) must be a multiple of micro_batch_size={cfg.micro_batch_size}")
+        raise ConfigError(f"stages.{slot}: the minibatch ({cfg.minibatch_size or rows} rows) must be a multiple of micro_batch_size={cfg.micro_batch_size}")
     if cfg.accumulate_grad_batches != 1:
-        raise ConfigError(f"stages.{ctx.slot}: accumulate_grad_batches must be 1 (use minibatch_size)")
+        raise ConfigError(f"stages.{slot}: accumulate_grad_batches must be 1 (use minibatch_size)")
     if cfg.temperature <= 0:
-        raise ConfigError(f"stages.{ctx.slot}.temperature must be > 0 for on-policy sampling")
+        raise ConfigError(f"stages.{slot}.temperature must be > 0 for on-policy sampling")
     if cfg.reward_slot is not None:
         ctx.stage_dir_of(cfg.reward_slot)
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    check_config(ctx)
+    check_config(cfg, ctx.slot)
     use_reference = cfg.kl_coef > 0 or cfg.track_kl
     reference = None
     if use_reference and not has_lora(ctx.policy):

@@ -311,24 +311,21 @@ class PPOModule(L.LightningModule):
             write_history(self.ctx.stage_dir, self.history)
 
 
-def check_config(ctx: StageContext) -> None:
-    cfg = ctx.cfg
+def check_config(cfg: Config, slot: str) -> None:
+    """The checks that need no model, task or other stage; rlhf.config runs them when the run's
+    config is read, so they fail before any stage trains."""
     if cfg.critic not in ("shared", "separate"):
-        raise ConfigError(f"stages.{ctx.slot}.critic={cfg.critic!r} is not one of: shared, separate")
+        raise ConfigError(f"stages.{slot}.critic={cfg.critic!r} is not one of: shared, separate")
     if cfg.kl_estimator not in KL_KINDS:
-        raise ConfigError(f"stages.{ctx.slot}.kl_estimator={cfg.kl_estimator!r} is not one of: {', '.join(KL_KINDS)}")
+        raise ConfigError(f"stages.{slot}.kl_estimator={cfg.kl_estimator!r} is not one of: {', '.join(KL_KINDS)}")
     if cfg.rollout_batch_size % cfg.minibatch_size:
-        raise ConfigError(f"stages.{ctx.slot}: rollout_batch_size={cfg.rollout_batch_size} must be a multiple of minibatch_size={cfg.minibatch_size}")
+        raise ConfigError(f"stages.{slot}: rollout_batch_size={cfg.rollout_batch_size} must be a multiple of minibatch_size={cfg.minibatch_size}")
     if cfg.micro_batch_size is not None and cfg.minibatch_size % cfg.micro_batch_size:
-        raise ConfigError(f"stages.{ctx.slot}: minibatch_size={cfg.minibatch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}")
+        raise ConfigError(f"stages.{slot}: minibatch_size={cfg.minibatch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}")
     if cfg.accumulate_grad_batches != 1:
-        raise ConfigError(f"stages.{ctx.slot}: accumulate_grad_batches must be 1 (use minibatch_size)")
+        raise ConfigError(f"stages.{slot}: accumulate_grad_batches must be 1 (use minibatch_size)")
     if cfg.temperature <= 0:
-        raise ConfigError(f"stages.{ctx.slot}.temperature must be > 0 for on-policy sampling")
-    if cfg.ptx_coef > 0 and not hasattr(ctx.task, "sft_example"):
-        raise ConfigError(f"stages.{ctx.slot}.ptx_coef needs a task with solved examples (the built-in task)")
-    if cfg.reward_slot is not None:
-        ctx.stage_dir_of(cfg.reward_slot)  # fails early, naming the slot, if it does not run before
+        raise ConfigError(f"stages.{slot}.temperature must be > 0 for on-policy sampling")
 
 
 def build_critic(ctx: StageContext) -> nn.Module:
@@ -345,7 +342,11 @@ def build_critic(ctx: StageContext) -> nn.Module:
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    check_config(ctx)
+    check_config(cfg, ctx.slot)
+    if cfg.ptx_coef > 0 and not hasattr(ctx.task, "sft_example"):
+        raise ConfigError(f"stages.{ctx.slot}.ptx_coef needs a task with solved examples (the built-in task)")
+    if cfg.reward_slot is not None:
+        ctx.stage_dir_of(cfg.reward_slot)  # fails early, naming the slot, if it does not run before
     critic = build_critic(ctx) if cfg.critic == "separate" else None
     # with LoRA the reference is the policy with adapters off; otherwise a frozen copy
     reference = None if has_lora(ctx.policy) else frozen_copy(ctx.policy, ctx.run_cfg.model, ctx.tokenizer.vocab_size)

@@ -342,6 +342,10 @@ def write_flat_files(stage_dir: Path) -> dict[str, float]:
     return totals
 
 
+# read by rlhf.config when the run's config is read, so a wrong loss setting fails before any stage trains
+check_config = check_loss_config
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
     check_loss_config(cfg, ctx.slot)
