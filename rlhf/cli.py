@@ -66,18 +66,46 @@ def run_with_hydra(overrides: list[str]) -> None:
     _main()
 
 
+CONFIG_GROUPS = ("recipe", "model", "task", "trainer", "logger")  # `group=option` overrides
+
+
+def compose(overrides: list[str]):
+    """The run config `python -m rlhf run OVERRIDES` composes (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
 def resume_run(run_dir: str, overrides: list[str]) -> None:
+    """Continue the run in run_dir. Plain key=value overrides apply to its saved config; the
+    original command's overrides (`recipe=full model=tiny ...`) are composed as that command
+    composed them. Either way only environment settings (threads, logging) may differ from the
+    run's: the orchestrator names any other changed key."""
     from omegaconf import OmegaConf
 
     from rlhf.orchestrator import load_run_config, run_recipe
 
-    for o in overrides:
-        if "=" not in o or o[0] in "+~" or "@" in o.split("=", 1)[0]:
-            fail(f"{o!r}: with resume=DIR only plain key=value overrides apply (stage slots and order are fixed by the run)")
+    overrides = [o for o in overrides if not o.startswith("hydra.")]
     cfg = load_run_config(Path(run_dir))
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o for o in overrides if not o.startswith("hydra.")]))
+    if any(o.split("=", 1)[0].lstrip("+~") in CONFIG_GROUPS for o in overrides):
+        try:
+            composed = compose(overrides)
+        except Exception as err:  # Hydra names the override it could not apply
+            fail(f"resume={run_dir}: {str(err).splitlines()[0]}")
+        composed.name = composed.name if composed.get("name") is not None else cfg.get("name")
+        cfg = composed
+    else:
+        for o in overrides:
+            if "=" not in o or o[0] in "+~" or "@" in o.split("=", 1)[0]:
+                fail(f"{o!r}: with resume=DIR only plain key=value overrides apply (stage slots and order are fixed by the run)")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    run_recipe(cfg, Path(run_dir))
+    run_recipe(cfg, Path(run_dir), resuming=True)
 
 
 def main(argv: list[str] | None = None) -> int:

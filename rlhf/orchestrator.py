@@ -104,8 +104,50 @@ def check_accelerator(trainer_cfg) -> None:
         raise ConfigError("trainer.accelerator=mps: Apple's MPS is not available on this machine; run on the CPU (trainer=default)")
 
 
-def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
-    """Run (or resume) every stage of `cfg` in `run_dir`; returns each slot's final metrics."""
+# settings of where and how a run executes, not of what it trains: a run continues under others
+ENVIRONMENT_KEYS = ("trainer.num_threads", "trainer.progress_bar", "trainer.log_every", "trainer.checkpoint_every", "logger.", "eval.batch_size")
+
+
+def config_changes(saved: DictConfig, new: DictConfig) -> list[str]:
+    """`key: old -> new` for every setting (dotted key) that differs, environment keys aside."""
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    old = dict(flat(OmegaConf.to_container(saved, resolve=True)))
+    now = dict(flat(OmegaConf.to_container(new, resolve=True)))
+    keys = sorted(set(old) | set(now), key=lambda k: (k.split(".")[0] != "order", k))
+    return [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in keys if old.get(k) != now.get(k) and not k.startswith(ENVIRONMENT_KEYS)]
+
+
+def check_same_run(run_dir: Path, cfg: DictConfig, resuming: bool = False) -> None:
+    """Re-running into a run dir continues its run only with the settings it ran with: anything
+    else would train nothing new (its stages are complete) or mix settings, and overwrite the
+    record of what its weights saw. With `resuming` (resume=DIR key=value), the settings of
+    stages not yet complete may change (a lower lr after a non-finite loss, say)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    open_slots = [slot for i, slot in enumerate(cfg.order) if not checkpoint.is_complete(Path(run_dir) / "stages" / f"{i:02d}_{slot}")]
+    changed = [
+        c for c in config_changes(typed_run_config(OmegaConf.load(path)), cfg)
+        if not (resuming and c.startswith(tuple(f"stages.{slot}." for slot in open_slots)))
+    ]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({'; '.join(changed[:3])}{more}): "
+            f"continue it with its own command (or resume={run_dir}), or start a new run in another hydra.run.dir"
+        )
+
+
+def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, dict[str, float]]:
+    """Run (or resume) every stage of `cfg` in `run_dir`; returns each slot's final metrics.
+    `resuming` (resume=DIR): stages not yet complete may run with changed settings."""
     cfg = typed_run_config(cfg)
     # every stage's config, its references to other slots and the accelerator are checked
     # here, before the first stage trains: a mistake in the last stage costs no training
@@ -119,6 +161,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     tokenizer = build_tokenizer(cfg, task)
     torch.manual_seed(cfg.seed)
     policy = build_model(cfg.model, tokenizer.vocab_size)
+    check_same_run(run_dir, cfg, resuming)  # before anything is written: a run dir's record never lies
     if global_rank() == 0:
         checkpoint.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
@@ -180,7 +223,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
 def load_run_config(run_dir: Path) -> DictConfig:
     path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).is_dir():
-        raise RLHFError(f"resume={run_dir}: no such run dir")
+        raise RLHFError(f"resume={run_dir}: no such run dir (to continue a run if DIR holds one and start it otherwise, re-run its command with hydra.run.dir=DIR)")
     if not path.exists():
         raise RLHFError(f"resume={run_dir}: not a run dir (no config.yaml)")
     return OmegaConf.load(path)

@@ -102,6 +102,13 @@ def test_non_finite_loss_stops_with_a_clear_error(cli, tmp_path):
     assert proc.returncode == 2
     assert "error: stage 'sft': loss is" in proc.stderr
     assert not (run / "stages" / "00_sft" / "COMPLETE").exists()
+    # the stage is not complete: resume=DIR may lower its learning rate, and the record says so
+    cli("run", f"resume={run}", "stages.sft.lr=1e-3", "stages.sft.max_steps=2")
+    assert (run / "stages" / "00_sft" / "COMPLETE").exists()
+    assert "lr: 0.001" in (run / "config.yaml").read_text()
+    # once complete, its settings are fixed
+    proc = cli("run", f"resume={run}", "stages.sft.lr=1e-4", check=False)
+    assert proc.returncode == 2 and "stages.sft.lr: 0.001 -> 0.0001" in proc.stderr
 
 
 def test_sweep_runs_each_value(cli, tmp_path):
@@ -122,3 +129,24 @@ def test_sft_under_two_process_ddp(cli, tmp_path):
     # rank 1 wrote no artifacts of its own: no stray temp files, one set of files
     assert not list(run.rglob("*.tmp"))
     assert json.loads((stage / "metrics.json").read_text())["eval/task_score"] >= 0
+
+
+def test_a_run_dir_continues_only_with_its_own_settings(cli, tmp_path):
+    run = tmp_path / "run"
+    command = ["run", "recipe=sft", *TINY, "stages.sft.max_steps=2", "stages.sft.batch_size=8", "task=easy"]
+    cli(*command, f"hydra.run.dir={run}")
+    record = (run / "config.yaml").read_text()
+    # the same command again (a requeued job): the run is continued, here already complete
+    proc = cli(*command, f"hydra.run.dir={run}")
+    assert "stage sft: complete on disk, skipped" in proc.stdout + proc.stderr
+    # other settings into the same dir: an error naming the changed key; the record is untouched
+    proc = cli(*command, "stages.sft.max_steps=7", f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "stages.sft.max_steps: 2 -> 7" in proc.stderr.strip().splitlines()[-1]
+    assert (run / "config.yaml").read_text() == record
+    # resume=DIR with the command the run was started with (config groups and all) is accepted
+    cli("run", f"resume={run}", *command[1:])
+    proc = cli("run", f"resume={run}", *command[1:], "model=small", check=False)
+    assert proc.returncode == 2 and "model." in proc.stderr and "Traceback" not in proc.stderr
+    # environment settings may differ
+    cli("run", f"resume={run}", "trainer.num_threads=2")
