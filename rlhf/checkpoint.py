@@ -29,12 +29,22 @@ from rlhf.errors import RLHFError
 MARKER = "COMPLETE"
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file under the process umask (0o666 less it); mkstemp's
+    temporary files are 0600, which would make every renamed file private to this user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
+    The file ends with the mode the umask gives new files, as if written in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         yield Path(tmp)

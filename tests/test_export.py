@@ -165,3 +165,23 @@ def test_a_compiled_run_saves_weights_that_load_uncompiled(tmp_path):
     assert OmegaConf.load(stage / "model.yaml").compile is False
     model, _ = checkpoint.load_policy(stage)
     assert model.decode_fn is decode_cached and model.net._compiled_call_impl is None
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Temporary files renamed into place keep the mode a new file gets, not mkstemp's 0600."""
+    import os
+
+    from rlhf import checkpoint
+    from rlhf.feedback.candidates import atomic_write_lines
+
+    old = os.umask(0o022)
+    try:
+        checkpoint.write_text(tmp_path / "a.txt", "x")
+        atomic_write_lines(tmp_path / "b.jsonl", ["{}"])
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        checkpoint.write_text(tmp_path / "c.txt", "x")
+        assert (tmp_path / "c.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

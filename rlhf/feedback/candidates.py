@@ -135,6 +135,9 @@ def write_candidates(path: str | os.PathLike, candidates: Iterable[Candidate]) -
 def atomic_write_lines(path: Path, lines: Iterable[str]) -> int:
     """Write `lines` (one per line) to `path` via a fsynced temp file + os.replace; -> count."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)  # as if written in place, not mkstemp's 0600 (rlhf.checkpoint does the same; it imports torch)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
