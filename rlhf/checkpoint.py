@@ -44,10 +44,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, new_file_mode())  # after the block: writers such as safetensors recreate the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -178,7 +178,9 @@ def test_written_files_follow_the_umask(tmp_path):
     try:
         checkpoint.write_text(tmp_path / "a.txt", "x")
         atomic_write_lines(tmp_path / "b.jsonl", ["{}"])
+        checkpoint.save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")  # safetensors writes a file of its own
         assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
         assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o644
         os.umask(0o077)
         checkpoint.write_text(tmp_path / "c.txt", "x")
