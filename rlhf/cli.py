@@ -41,6 +41,11 @@ def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
     raise SystemExit(code)
 
 
+def interrupted(run_dir) -> "NoReturn":  # noqa: F821
+    """Ctrl-C: the last line says how to continue (complete stages and the last checkpoint are kept)."""
+    fail(f"interrupted; continue the run with: python -m rlhf run resume={run_dir}", code=130)
+
+
 def run_with_hydra(overrides: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -62,6 +67,8 @@ def run_with_hydra(overrides: list[str]) -> None:
             run_recipe(cfg, run_dir)
         except RLHFError as err:
             fail(str(err))
+        except KeyboardInterrupt:
+            interrupted(run_dir)
 
     _main()
 
@@ -105,7 +112,10 @@ def resume_run(run_dir: str, overrides: list[str]) -> None:
                 fail(f"{o!r}: with resume=DIR only plain key=value overrides apply (stage slots and order are fixed by the run)")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    run_recipe(cfg, Path(run_dir), resuming=True)
+    try:
+        run_recipe(cfg, Path(run_dir), resuming=True)
+    except KeyboardInterrupt:
+        interrupted(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,11 +70,11 @@ def make_logger(run_cfg: DictConfig, run_dir: Path, slot: str, kind: str, stage_
     )
 
 
-def finish_logger(logger) -> None:
+def finish_logger(logger, exit_code: int = 0) -> None:
     if logger is not None and global_rank() == 0:
         import wandb
 
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
 
 
 def _barrier() -> None:
@@ -196,7 +196,11 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
             logger=logger,
             completed=dict(completed),
         )
-        result = kinds[stage_cfg.kind].run(ctx)
+        try:
+            result = kinds[stage_cfg.kind].run(ctx)
+        except BaseException:  # an error or Ctrl-C: wandb's closing lines come before ours, not after
+            finish_logger(logger, exit_code=1)
+            raise
         policy = finish_trainable(result.policy, stage_cfg, stage_dir, global_rank() == 0)  # merge LoRA
         metrics = dict(result.metrics)
         if global_rank() == 0:

@@ -173,7 +173,14 @@ def fit(
     )
     data = StepBatches(make_batch, stage_cfg.max_steps * accumulate, trainer)
     loader = DataLoader(data, batch_size=None, num_workers=0)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after its shutdown: give the caller the
+        # interrupt back, so the CLI can say how to continue
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     return trainer
 
 

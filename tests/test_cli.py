@@ -150,3 +150,28 @@ def test_a_run_dir_continues_only_with_its_own_settings(cli, tmp_path):
     assert proc.returncode == 2 and "model." in proc.stderr and "Traceback" not in proc.stderr
     # environment settings may differ
     cli("run", f"resume={run}", "trainer.num_threads=2")
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf", "run", "recipe=sft", *TINY, "stages.sft.max_steps=100000", f"hydra.run.dir={run}"],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "stages" / "00_sft").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # inside training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"error: interrupted; continue the run with: python -m rlhf run resume={run}"
+    assert "Traceback" not in err
