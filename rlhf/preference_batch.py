@@ -18,7 +18,7 @@ from rlhf.data.examples import PreferencePair
 from rlhf.errors import ConfigError
 from rlhf.logprobs import sequence_logprobs, shared_prompt_logprobs
 from rlhf.losses.preference import DPO_LOSS_TYPES, chosen_nll, dpo_loss, preference_accuracy, rrhf_ranking_loss, simpo_loss
-from rlhf.sampling import encode_prompt, join_prompt_response
+from rlhf.sampling import encode_prompt, join_prompt_response, truncate_to_fit
 
 LOSS_TYPES = (*DPO_LOSS_TYPES, "simpo", "rrhf")
 REFERENCE_FREE = ("simpo", "rrhf")
@@ -89,16 +89,12 @@ class EncodedPair:
 
 def encode_pair(pair: PreferencePair, tokenizer, max_length: int) -> EncodedPair:
     """Token ids of a pair; finished responses get the EOS (as in SFT), generations cut off at
-    the token limit (`*_finished` False) do not. Too long: the prompt loses its start (keeping
-    at least half the budget when responses are long), then responses their end."""
+    the token limit (`*_finished` False) do not. Too long: rlhf.sampling.truncate_to_fit, the
+    rule every stage shares (the prompt keeps its end, each response its start)."""
     prompt = encode_prompt(tokenizer, pair.prompt)
     chosen = tokenizer.encode(pair.chosen) + [tokenizer.eos_id] * pair.chosen_finished
     rejected = tokenizer.encode(pair.rejected) + [tokenizer.eos_id] * pair.rejected_finished
-    longest = max(len(chosen), len(rejected))
-    if len(prompt) + longest > max_length:
-        keep = max(max_length - longest, max_length // 2, 1)
-        prompt = prompt[-keep:]
-        chosen, rejected = chosen[: max_length - len(prompt)], rejected[: max_length - len(prompt)]
+    prompt, (chosen, rejected), _ = truncate_to_fit(prompt, [chosen, rejected], max_length)
     return EncodedPair(prompt, chosen, rejected)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from rlhf.errors import ConfigError
 from rlhf.losses.preference import expected_rating
+from rlhf.sampling import truncate_to_fit
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -51,14 +52,12 @@ class RewardModel(nn.Module):
 
 
 def truncate(prompt: list[int], response: list[int], max_len: Optional[int]) -> tuple[list[int], list[int]]:
-    """Fit prompt + response + EOS in max_len tokens: keep the response's START (at least half of
-    max_len, more if the prompt is short) and the prompt's END (the turn being answered)."""
+    """Fit prompt + response + EOS in max_len tokens by rlhf.sampling.truncate_to_fit, the rule
+    every stage shares, with one token kept for the EOS the reward is read at."""
     if max_len is None:
         return prompt, response
-    budget = max_len - 1  # the EOS
-    keep_response = min(len(response), max(budget - len(prompt), budget // 2))
-    keep_prompt = min(len(prompt), budget - keep_response)
-    return prompt[len(prompt) - keep_prompt :], response[:keep_response]
+    prompt, (response,), _ = truncate_to_fit(prompt, [response], max_len - 1)
+    return prompt, response
 
 
 def load_reward_model(stage_dir: str | Path) -> tuple[RewardModel, object]:

@@ -117,12 +117,45 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text) or [tokenizer.eos_id if bos is None else bos]
 
 
-def encode_examples(tokenizer, examples, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate_to_fit(prompt: list[int], responses: list[list[int]], max_len: int) -> tuple[list[int], list[list[int]], bool]:
+    """The one truncation rule of every stage (SFT, the preference pairs, reward models): a
+    prompt and its responses (each scored after the prompt alone) that do not fit `max_len`
+    tokens keep the prompt's END (the turn being answered) and each response's START, and the
+    longest response keeps at least half of max_len (as TRL's max_prompt_length = max_length / 2).
+    A response cut short loses its EOS with its end: it is not taught as finished.
+
+    Returns (prompt, responses, whether anything was cut). max_len must be >= 2."""
+    longest = max((len(r) for r in responses), default=0)
+    if len(prompt) + longest <= max_len:
+        return prompt, responses, False
+    keep_response = min(longest, max(max_len - len(prompt), max_len // 2))
+    keep_prompt = min(len(prompt), max_len - keep_response)
+    return prompt[len(prompt) - keep_prompt :], [r[:keep_response] for r in responses], True
+
+
+def count_truncated(tokenizer, rows, max_len: int, slot: str) -> int:
+    """How many (prompt, responses) text rows `truncate_to_fit` cuts at max_len tokens (each
+    response with its EOS); logs a warning naming the stage and the count when any is."""
+    import logging
+
+    cut = sum(len(encode_prompt(tokenizer, p)) + max(len(tokenizer.encode(r)) + 1 for r in rs) > max_len for p, rs in rows)
+    if cut:
+        logging.getLogger("rlhf").warning(
+            "%s: %d of %d rows are longer than %d tokens and are truncated (the prompt keeps its end, each response its start)", slot, cut, len(rows), max_len
+        )
+    return cut
+
+
+def encode_examples(tokenizer, examples, device=None, max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`join_prompt_response` of (prompt, response) examples (anything with .prompt and
-    .response text), each response closed by EOS: the (B, T) tokens and response mask SFT trains on."""
-    return join_prompt_response(
-        [encode_prompt(tokenizer, e.prompt) for e in examples], [tokenizer.encode(e.response) + [tokenizer.eos_id] for e in examples], tokenizer.pad_id, device
-    )
+    .response text), each response closed by EOS: the (B, T) tokens and response mask SFT trains on.
+    With max_len, rows longer than it are cut by `truncate_to_fit`."""
+    prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
+    responses = [tokenizer.encode(e.response) + [tokenizer.eos_id] for e in examples]
+    if max_len is not None:
+        cut = [truncate_to_fit(p, [r], max_len) for p, r in zip(prompts, responses)]
+        prompts, responses = [p for p, _, _ in cut], [rs[0] for _, rs, _ in cut]
+    return join_prompt_response(prompts, responses, tokenizer.pad_id, device)
 
 
 def join_prompt_response(

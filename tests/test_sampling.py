@@ -151,3 +151,30 @@ def test_compiled_model_matches_the_eager_one():
         sequence_logprobs(m(tokens), tokens, mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_one_truncation_rule_keeps_the_prompt_end_and_the_response_start():
+    from rlhf.sampling import truncate_to_fit
+
+    # fits: unchanged
+    assert truncate_to_fit([1, 2], [[3, 4, 1]], 5) == ([1, 2], [[3, 4, 1]], False)
+    # long both ways: the response keeps half of 6 (its EOS goes with its end), the prompt its last 3
+    assert truncate_to_fit([11, 12, 13, 14, 15, 16], [[7, 8, 9, 10, 1]], 6) == ([14, 15, 16], [[7, 8, 9]], True)
+    # a short prompt stays whole; the response gets the rest
+    assert truncate_to_fit([1, 2], [list(range(20, 30))], 6) == ([1, 2], [[20, 21, 22, 23]], True)
+    # a pair: the longest response sets the cut, both responses are cut alike
+    assert truncate_to_fit([11, 12, 13, 14], [[5, 6, 7, 1], [8, 1]], 6) == ([12, 13, 14], [[5, 6, 7], [8, 1]], True)
+
+
+def test_sft_rows_longer_than_the_context_are_cut_and_counted():
+    from rlhf.data.examples import SFTExample
+    from rlhf.data.tokenizer import CharTokenizer
+    from rlhf.sampling import count_truncated, encode_examples
+    from rlhf.tasks.builtin import ALPHABET
+
+    tok = CharTokenizer(ALPHABET)
+    rows = [SFTExample("sort: ba\n", "ab"), SFTExample("sort: " + "a" * 40 + "\n", "b" * 40)]
+    tokens, mask = encode_examples(tok, rows, max_len=32)
+    assert tokens.shape[1] == 32 and mask[1].sum() == 16 and tokens[1, -1].item() != tok.eos_id  # cut: no EOS
+    assert mask[0].sum() == 3  # "ab" + EOS, whole
+    assert count_truncated(tok, [(r.prompt, [r.response]) for r in rows], 32, "sft") == 1

@@ -50,6 +50,7 @@ from rlhf.preference_batch import (
     shared_prompt_forward,
     starting_reference,
 )
+from rlhf.sampling import count_truncated
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import EpochSampler, adamw_with_schedule, check_finite, step_rng
 
@@ -87,10 +88,12 @@ class PairSource:
         self.max_length = cfg.max_length or ctx.policy.max_seq_len
         self.share_prompt = cfg.share_prompt and can_share_prompt(ctx.policy)
         self.pairs = None
+        self.truncated = 0  # pairs longer than max_length, cut by the shared rule (encode_pair)
         if cfg.data is not None:
             from rlhf.data.jsonl import read_preference_pairs
 
             self.pairs = read_preference_pairs(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
+            self.truncated = count_truncated(self.tok, [(p.prompt, [p.chosen, p.rejected]) for p in self.pairs], self.max_length, ctx.slot)
             self.sampler = EpochSampler(len(self.pairs), cfg.batch_size, ctx.seed)
             log.info("dpo: %d preference pairs from %s", len(self.pairs), cfg.data)
         elif not hasattr(ctx.task, "preference_pair"):
@@ -183,7 +186,7 @@ class DPOModule(L.LightningModule):
         out = {k: sum(r[k] for r in self.recent) / len(self.recent) for k in (self.recent[0] if self.recent else {})}
         if self.precompute_seconds:
             out["train/reference_precompute_s"] = self.precompute_seconds
-        return out
+        return {**out, "data/truncated_rows": float(self.source.truncated)}
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from rlhf.config import StageConfig
 from rlhf.stage_context import StageContext, StageResult
-from rlhf.sampling import encode_examples
+from rlhf.sampling import count_truncated, encode_examples
 from rlhf.training import EpochSampler, NLLModule, step_rng
 
 KIND = "sft"
@@ -27,10 +27,12 @@ class Config(StageConfig):
 
 def run(ctx: StageContext) -> StageResult:
     cfg, task, tok = ctx.cfg, ctx.task, ctx.tokenizer
+    max_len, truncated = ctx.policy.max_seq_len, 0  # rows longer than the context are cut, one rule for every stage
     if cfg.data is not None:
         from rlhf.data.jsonl import read_sft_examples
 
         examples = read_sft_examples(cfg.data)
+        truncated = count_truncated(tok, [(e.prompt, [e.response]) for e in examples], max_len, ctx.slot)
         sampler = EpochSampler(len(examples), cfg.batch_size, ctx.seed)
         draw = lambda step: [examples[i] for i in sampler.batch(step)]  # noqa: E731
     else:
@@ -43,7 +45,7 @@ def run(ctx: StageContext) -> StageResult:
 
     def make_batch(step: int, rank: int, world: int):
         shard = draw(step)[rank::world]
-        return encode_examples(tok, shard)
+        return encode_examples(tok, shard, max_len=max_len)
 
     ctx.fit(NLLModule(ctx.policy, cfg, ctx.slot), make_batch)
-    return StageResult(ctx.policy)
+    return StageResult(ctx.policy, {"data/truncated_rows": float(truncated)})
