@@ -145,6 +145,30 @@ def check_same_run(run_dir: Path, cfg: DictConfig, resuming: bool = False) -> No
         )
 
 
+# learning rates above these are from-scratch settings; a pretrained checkpoint usually wants
+# about TRL's defaults (SFTTrainer 2e-5, DPOTrainer 1e-6; RL trainers 1e-6 to 1e-5)
+PRETRAINED_LR_CEILING = {"pretrain": 1e-4, "sft": 1e-4, "reward_model": 1e-4, "eft": 1e-4}
+PRETRAINED_LR_CEILING_DEFAULT = 2e-5  # the preference and RL stages
+TRL_LR = {"sft": "2e-5", "pretrain": "2e-5", "reward_model": "1e-5", "eft": "2e-5"}
+
+
+def warn_from_scratch_settings(cfg: DictConfig, stage_cfgs: dict) -> None:
+    """On a pretrained (Hugging Face) checkpoint, name each stage whose learning rate or NLL
+    weight is a from-scratch setting: the defaults here are measured on models trained from
+    nothing, where a pretrained model's would barely move them."""
+    if cfg.model.backend != "hf":
+        return
+    for slot, stage in stage_cfgs.items():
+        ceiling = PRETRAINED_LR_CEILING.get(stage.kind, PRETRAINED_LR_CEILING_DEFAULT)
+        if stage.lr > ceiling:
+            log.warning(
+                "stages.%s.lr=%g is a from-scratch learning rate; on a pretrained checkpoint TRL's default is about %s: set stages.%s.lr",
+                slot, stage.lr, TRL_LR.get(stage.kind, "1e-6"), slot,
+            )
+        if getattr(stage, "nll_weight", 0) >= 1.0:
+            log.warning("stages.%s.nll_weight=%g keeps a from-scratch model's DPO stable; on a pretrained checkpoint TRL uses none (set 0 or about 0.2, RPO)", slot, stage.nll_weight)
+
+
 def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[str, dict[str, float]]:
     """Run (or resume) every stage of `cfg` in `run_dir`; returns each slot's final metrics.
     `resuming` (resume=DIR): stages not yet complete may run with changed settings."""
@@ -154,6 +178,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
     stage_cfgs = {slot: typed_stage_config(slot, cfg.stages[slot]) for slot in cfg.order}
     check_slot_references(list(cfg.order), stage_cfgs)
     check_accelerator(cfg.trainer)
+    warn_from_scratch_settings(cfg, stage_cfgs)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     run_dir = Path(run_dir)

@@ -77,3 +77,19 @@ def test_compile_is_only_for_the_x_transformers_backend():
 
     with pytest.raises(ConfigError, match="model.compile"):
         build_model(ModelConfig(backend="hf", path="/nonexistent", compile=True), vocab_size=10)
+
+
+def test_a_pretrained_checkpoint_is_warned_of_from_scratch_settings(caplog):
+    from omegaconf import OmegaConf
+
+    from rlhf.config import typed_stage_config
+    from rlhf.orchestrator import warn_from_scratch_settings
+
+    stages = {"sft": typed_stage_config("sft", {"kind": "sft"}), "dpo": typed_stage_config("dpo", {"kind": "dpo", "lr": 1e-6, "nll_weight": 0.0})}
+    with caplog.at_level("WARNING", logger="rlhf"):
+        warn_from_scratch_settings(OmegaConf.create({"model": {"backend": "hf"}}), stages)
+    assert len(caplog.records) == 1 and "stages.sft.lr=0.001 is a from-scratch learning rate" in caplog.text and "2e-5" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf"):
+        warn_from_scratch_settings(OmegaConf.create({"model": {"backend": "xtransformers"}}), stages)
+    assert not caplog.records
