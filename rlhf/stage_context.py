@@ -58,6 +58,30 @@ class StageContext:
             raise ConfigError(f"stages.{self.slot}: needs slot {slot!r}, which does not run before it in `order`")
         return self.completed[slot]
 
+    def training_rows(self, rows: list, what: str = "data") -> list:
+        """The rows of the stage's own data file(s) (anything with a .prompt) it may train on:
+        never a prompt the task holds out for evaluation (task=text on the same files), so the
+        held-out score stays held out. On a task that evaluates its own prompts (the built-in
+        task) say plainly that the evaluation is not of this data. Raises DataError if no row
+        is left."""
+        import logging
+
+        from rlhf.errors import DataError
+
+        log = logging.getLogger("rlhf")
+        if not hasattr(self.task, "is_held_out"):
+            log.warning(
+                "stages.%s.%s: the stage trains on your data, but the run evaluates on the %s task's own prompts, not on it; "
+                "for held-out prompts of your data set task=text task.data=YOUR_FILES", self.slot, what, self.run_cfg.task.name,
+            )
+            return rows
+        kept = [row for row in rows if not self.task.is_held_out(row.prompt)]
+        if len(kept) < len(rows):
+            log.info("stages.%s.%s: %d of %d rows have a prompt held out for evaluation and are left out of training", self.slot, what, len(rows) - len(kept), len(rows))
+        if not kept:
+            raise DataError(f"stages.{self.slot}.{what}: every row's prompt is held out for evaluation (task.num_eval_prompts); nothing is left to train on")
+        return kept
+
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (for reward models, critics, references)."""
         return build_model(self.run_cfg.model, self.tokenizer.vocab_size)

@@ -139,3 +139,25 @@ def test_reward_model_recipe_on_text(data, tmp_path):
     assert evaluated["prompts"] == 4 and "eval/response_length" in evaluated and "eval/task_score" not in evaluated  # no verifier
     with pytest.raises(ConfigError, match="--prompts 5"):  # past them would be training prompts
         evaluate_stage(stage, num_prompts=5)
+
+
+def test_a_stage_never_trains_on_the_prompts_held_out_for_evaluation(data, tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from rlhf.data.jsonl import read_preference_pairs
+    from rlhf.stage_context import StageContext
+
+    task = build_task(cfg_for(data), tmp_path)
+    ctx = StageContext(slot="dpo", cfg=None, run_cfg=OmegaConf.create({"task": {"name": "text"}}), stage_dir=tmp_path, policy=None,
+                       task=task, tokenizer=task.tokenizer, seed=0, logger=None, completed={})
+    pairs = read_preference_pairs(data, skip_bad_rows=True)
+    kept = ctx.training_rows(pairs)
+    assert len(pairs) == 12 and len(kept) == 8  # the same file as task.data: its 4 held-out prompts are left out
+    assert not any(task.is_held_out(p.prompt) for p in kept)
+    # on the built-in task the run says plainly that its evaluation is not of this data
+    builtin = build_task(TaskConfig(), tmp_path / "b")
+    ctx = StageContext(slot="dpo", cfg=None, run_cfg=OmegaConf.create({"task": {"name": "builtin"}}), stage_dir=tmp_path, policy=None,
+                       task=builtin, tokenizer=builtin.tokenizer, seed=0, logger=None, completed={})
+    with caplog.at_level("WARNING", logger="rlhf"):
+        assert ctx.training_rows(pairs) == pairs
+    assert "evaluates on the builtin task's own prompts, not on it" in caplog.text

@@ -92,7 +92,7 @@ class PairSource:
         if cfg.data is not None:
             from rlhf.data.jsonl import read_preference_pairs
 
-            self.pairs = read_preference_pairs(cfg.data, skip_bad_rows=cfg.skip_bad_rows)
+            self.pairs = ctx.training_rows(read_preference_pairs(cfg.data, skip_bad_rows=cfg.skip_bad_rows))
             self.truncated = count_truncated(self.tok, [(p.prompt, [p.chosen, p.rejected]) for p in self.pairs], self.max_length, ctx.slot)
             self.sampler = EpochSampler(len(self.pairs), cfg.batch_size, ctx.seed)
             log.info("dpo: %d preference pairs from %s", len(self.pairs), cfg.data)

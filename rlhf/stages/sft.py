@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.data is not None:
         from rlhf.data.jsonl import read_sft_examples
 
-        examples = read_sft_examples(cfg.data)
+        examples = ctx.training_rows(read_sft_examples(cfg.data))
         truncated = count_truncated(tok, [(e.prompt, [e.response]) for e in examples], max_len, ctx.slot)
         sampler = EpochSampler(len(examples), cfg.batch_size, ctx.seed)
         draw = lambda step: [examples[i] for i in sampler.batch(step)]  # noqa: E731

@@ -122,7 +122,7 @@ class SpinModule(L.LightningModule):
         if ctx.cfg.data is not None:
             from rlhf.data.jsonl import read_sft_examples
 
-            self.examples = read_sft_examples(ctx.cfg.data)
+            self.examples = ctx.training_rows(read_sft_examples(ctx.cfg.data))
             self.sampler = EpochSampler(len(self.examples), self.per_round, ctx.seed)
         self.round = -1
         self.data: Optional[RoundPairs] = None
