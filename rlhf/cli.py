@@ -91,8 +91,9 @@ def compose(overrides: list[str]):
 def resume_run(run_dir: str, overrides: list[str]) -> None:
     """Continue the run in run_dir. Plain key=value overrides apply to its saved config; the
     original command's overrides (`recipe=full model=tiny ...`) are composed as that command
-    composed them. Either way only environment settings (threads, logging) may differ from the
-    run's: the orchestrator names any other changed key."""
+    composed them. Either way only environment settings (threads, logging) and the settings of
+    stages not yet complete may differ from the run's: the orchestrator names any other changed
+    key."""
     from omegaconf import OmegaConf
 
     from rlhf.orchestrator import load_run_config, run_recipe

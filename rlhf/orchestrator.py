@@ -105,7 +105,7 @@ def check_accelerator(trainer_cfg) -> None:
 
 
 # settings of where and how a run executes, not of what it trains: a run continues under others
-ENVIRONMENT_KEYS = ("trainer.num_threads", "trainer.progress_bar", "trainer.log_every", "trainer.checkpoint_every", "logger.", "eval.batch_size")
+ENVIRONMENT_KEYS = ("name", "trainer.num_threads", "trainer.progress_bar", "trainer.log_every", "trainer.checkpoint_every", "logger.", "eval.batch_size")
 
 
 def config_changes(saved: DictConfig, new: DictConfig) -> list[str]:
@@ -182,11 +182,11 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     run_dir = Path(run_dir)
+    check_same_run(run_dir, cfg, resuming)  # before anything is written: a run dir's record never lies
     task = build_task(cfg.task, run_dir)
     tokenizer = build_tokenizer(cfg, task)
     torch.manual_seed(cfg.seed)
     policy = build_model(cfg.model, tokenizer.vocab_size)
-    check_same_run(run_dir, cfg, resuming)  # before anything is written: a run dir's record never lies
     if global_rank() == 0:
         checkpoint.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
