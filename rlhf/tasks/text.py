@@ -8,9 +8,10 @@ text `{"text"}`. From them the task takes
 - the tokenizer: byte-level BPE (`task.vocab_size`) trained on all their text, ONCE per run,
   and saved as `<run_dir>/tokenizer.json`; a resumed run reloads that file, so token ids never
   change under a checkpoint. Rank 0 trains and writes it (atomically); other ranks wait for it.
-- held-out prompts: a fixed slice (`task.num_eval_prompts`, shuffled with `task.seed`, so it does
-  not depend on the run's seed) of the distinct non-empty prompts. `train_prompt(rng)` never
-  returns one of them.
+- held-out prompts: a fixed slice (`task.num_eval_prompts`, at most a fifth of them; shuffled
+  with `task.seed`, so it does not depend on the run's seed) of the distinct non-empty prompts.
+  `train_prompt(rng)` never returns one of them, and the SFT, DPO and SPIN stages leave rows
+  with these prompts out of their own `data` (StageContext.training_rows).
 
 There is no verifier: `score()` is None, so the evaluation after each stage reports only the
 response length. Long multi-turn prompts are shortened for evaluation to their last whole
@@ -20,6 +21,7 @@ generation cost grows with the prompt).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ from rlhf.tasks import TaskConfig
 from rlhf.training import global_rank
 
 MAX_EVAL_PROMPT_CHARS = 1000
+MAX_HELD_OUT_SHARE = 5  # held-out prompts are at most 1/5 of the distinct prompts
 TOKENIZER_FILE = "tokenizer.json"
 WAIT_FOR_TOKENIZER_S = 600.0
 
@@ -83,9 +86,14 @@ class TextTask:
 
         prompts = list(dict.fromkeys(p for p, _ in rows if p.strip()))  # distinct, in file order
         random.Random(cfg.seed).shuffle(prompts)
-        held_out = prompts[: cfg.num_eval_prompts]
+        # at most a fifth of the distinct prompts (at least one): a small file (a feedback export
+        # of 40 ratings, say) keeps most of its prompts to train on
+        n = min(cfg.num_eval_prompts, max(1, len(prompts) // MAX_HELD_OUT_SHARE))
+        if n < cfg.num_eval_prompts:
+            logging.getLogger("rlhf").info("task: %d of %d distinct prompts held out for evaluation (task.num_eval_prompts=%d, at most 1/%d of them)", n, len(prompts), cfg.num_eval_prompts, MAX_HELD_OUT_SHARE)
+        held_out = prompts[:n]
         self._held_out = set(held_out)
-        self._train_prompts = prompts[cfg.num_eval_prompts :]
+        self._train_prompts = prompts[n:]
         self._eval = [shorten_prompt(p) for p in held_out]
 
     def _tokenizer(self, run_dir: Path, texts) -> BPETokenizer:
