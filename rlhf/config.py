@@ -21,6 +21,10 @@ from rlhf.lora import LoRAConfig
 from rlhf.model import ModelConfig
 from rlhf.tasks import TaskConfig
 
+# settings of where and how a run executes, not of what it trains: a run continues under other
+# values of these, and `rlhf report` does not name runs by them
+ENVIRONMENT_KEYS = ("name", "trainer.num_threads", "trainer.progress_bar", "trainer.log_every", "trainer.checkpoint_every", "logger.", "eval.batch_size")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -119,6 +123,21 @@ def register_configs() -> None:
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         node = OmegaConf.load(path)
         cs.store(group="recipe", name=path.stem, node=node, package="_global_")
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """A config (DictConfig or dict) as {dotted key: value}; lists stay whole values."""
+    out: dict[str, Any] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg, "")
+    return out
 
 
 def typed_stage_config(slot: str, node: Any):

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf import checkpoint
-from rlhf.config import typed_run_config, typed_stage_config
+from rlhf.config import ENVIRONMENT_KEYS, flat_config, typed_run_config, typed_stage_config
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.evaluation import evaluate_policy
 from rlhf.freezing import finish_trainable, prepare_trainable
@@ -104,22 +104,9 @@ def check_accelerator(trainer_cfg) -> None:
         raise ConfigError("trainer.accelerator=mps: Apple's MPS is not available on this machine; run on the CPU (trainer=default)")
 
 
-# settings of where and how a run executes, not of what it trains: a run continues under others
-ENVIRONMENT_KEYS = ("name", "trainer.num_threads", "trainer.progress_bar", "trainer.log_every", "trainer.checkpoint_every", "logger.", "eval.batch_size")
-
-
 def config_changes(saved: DictConfig, new: DictConfig) -> list[str]:
     """`key: old -> new` for every setting (dotted key) that differs, environment keys aside."""
-
-    def flat(node, prefix=""):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                yield from flat(v, f"{prefix}{k}.")
-        else:
-            yield prefix[:-1], node
-
-    old = dict(flat(OmegaConf.to_container(saved, resolve=True)))
-    now = dict(flat(OmegaConf.to_container(new, resolve=True)))
+    old, now = flat_config(saved), flat_config(new)
     keys = sorted(set(old) | set(now), key=lambda k: (k.split(".")[0] != "order", k))
     return [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in keys if old.get(k) != now.get(k) and not k.startswith(ENVIRONMENT_KEYS)]
 

@@ -4,9 +4,13 @@ Prints each stage's metrics (from `<run>/stages/<NN>_<slot>/metrics.json`, in ru
 a table; several runs are shown side by side, one line per run under each stage. The table's
 columns are the main metrics present (task score, exact match, pass@k, best-of-k, sample
 exact rate, judge agreement, the judge's mean score of exact and of inexact answers, judge
-parse failures, length, KL, pairs); `--all` shows every metric (per family, calibration
-buckets, ...). Then plots the main metrics across stages (greedy task score with pass@k
-dashed beside it, judge agreement, response length, KL), one line per run, to `--plot`
+parse failures, length, KL, pairs, and each stage kind's main training metrics: loss, the
+preference reward margin and accuracy, the reward model's pair accuracy, the RL reward and
+verifier score); `--all` shows every metric (per family, calibration buckets, ...). Runs are
+named by the settings that differ between them (a sweep's `dpo.beta=0.5`), else by their dir.
+Then plots the main metrics across stages (greedy task score with pass@k dashed beside it,
+judge agreement, response length, KL, reward margin, pair accuracy, RL reward), one line per
+run, to `--plot`
 (default `<first run>/report.png`); for RL stages that logged both, a last panel draws the
 reward they optimised beside the verifier's score, rollout by rollout (a learned reward
 rising while the verifier's score does not is reward hacking).
@@ -43,6 +47,13 @@ MAIN = [
     ("eval/response_length", "length"),
     ("eval/kl", "kl"),
     ("pairs_total", "pairs"),
+    # each stage kind's main training metrics: a sweep's settings move these first
+    ("train/loss", "train_loss"),
+    ("train/rewards/margin", "margin"),
+    ("train/rewards/accuracy", "pref_acc"),
+    ("eval/pair_accuracy", "rm_pair_acc"),
+    ("rollout/reward_mean", "rl_reward"),
+    ("rollout/verifier_score", "rl_verifier"),
 ]
 # overall headroom keys (not per family): column titles "pass@8", "best_of_8"
 HEADROOM = re.compile(r"eval/(pass@\d+|best_of_\d+)")
@@ -52,6 +63,9 @@ PLOTTED = [
     ("eval/judge_agreement", "judge agreement (pairwise)"),
     ("eval/response_length", "response length (chars)"),
     ("eval/kl", "KL to reference"),
+    ("train/rewards/margin", "preference reward margin (train)"),
+    ("eval/pair_accuracy", "reward model pair accuracy"),
+    ("rollout/reward_mean", "RL reward (last rollouts)"),
 ]
 
 
@@ -72,6 +86,7 @@ class Run:
     name: str
     path: Path
     stages: list[Stage]
+    config: dict = field(default_factory=dict)  # the run's config.yaml as {dotted key: value}
 
 
 def read_reward_vs_verifier(stage_dir: Path) -> list[tuple[int, float, float]]:
@@ -112,11 +127,34 @@ def read_run(path: str | Path) -> Run:
         if not start.keys() & stage.metrics.keys():
             stage.metrics.update(start)
             stage.borrowed |= start.keys()
-    return Run(path.name, path, stages)
+    config = {}
+    if (path / "config.yaml").exists():
+        from omegaconf import OmegaConf
+
+        from rlhf.config import flat_config
+
+        config = flat_config(OmegaConf.load(path / "config.yaml"))
+    return Run(path.name, path, stages, config)
+
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """The settings whose values differ between the runs (a sweep's swept keys), environment
+    settings (threads, logging, the run's name) aside."""
+    from rlhf.config import ENVIRONMENT_KEYS
+
+    keys = sorted({k for run in runs for k in run.config})
+    return [k for k in keys if not k.startswith(ENVIRONMENT_KEYS) and len({repr(run.config.get(k)) for run in runs}) > 1]
 
 
 def _names(runs: list[Run]) -> list[str]:
-    """Short labels: the dir name, or the path when two runs share a dir name."""
+    """Short labels: what differs between the runs' configs (`dpo.beta=0.5` for a sweep over
+    stages.dpo.beta; at most 3 settings), else the dir name, or the path when two runs share one."""
+    swept = swept_keys(runs) if len(runs) > 1 else []
+    if swept:
+        shown = swept[:3]
+        labels = [", ".join(f"{k.removeprefix('stages.')}={run.config.get(k)}" for k in shown) + (", ..." if len(swept) > 3 else "") for run in runs]
+        if len(set(labels)) == len(labels):
+            return labels
     names = [r.name for r in runs]
     return [str(r.path) if names.count(r.name) > 1 else r.name for r in runs]
 

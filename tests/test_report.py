@@ -97,3 +97,16 @@ def test_cli_dispatch(cli, tmp_path):
     run = standard(tmp_path)
     proc = cli("report", str(run), "--no-plot")
     assert "dpo_iter1" in proc.stdout
+
+
+def test_a_sweeps_runs_are_named_by_what_was_swept_and_show_training_metrics(tmp_path):
+    # `-m stages.dpo.beta=0.1,0.5 name=sweep`: dirs 0 and 1, the same name, one setting apart
+    runs = []
+    for i, (beta, margin) in enumerate([(0.1, 0.61), (0.5, 2.76)]):
+        run = make_run(tmp_path, str(i), [("dpo", "dpo", {"eval/task_score": 0.5, "train/rewards/margin": margin}, True)])
+        (run / "config.yaml").write_text(f"name: sweep\nseed: 0\ntrainer:\n  num_threads: {i + 1}\nstages:\n  dpo:\n    beta: {beta}\n")
+        runs.append(read_run(run))
+    lines = format_table(runs).splitlines()
+    assert lines[0].split() == ["stage", "kind", "run", "task_score", "margin"]
+    assert lines[2].split() == ["dpo", "dpo", "dpo.beta=0.1", "0.500", "0.610"]
+    assert lines[3].split() == ["dpo.beta=0.5", "0.500", "2.760"]  # threads differ too, but are not what was swept
