@@ -138,7 +138,8 @@ def count_truncated(tokenizer, rows, max_len: int, slot: str) -> int:
     response with its EOS); logs a warning naming the stage and the count when any is."""
     import logging
 
-    cut = sum(len(encode_prompt(tokenizer, p)) + max(len(tokenizer.encode(r)) + 1 for r in rs) > max_len for p, rs in rows)
+    eos = [tokenizer.eos_id]
+    cut = sum(truncate_to_fit(encode_prompt(tokenizer, p), [tokenizer.encode(r) + eos for r in rs], max_len)[2] for p, rs in rows)
     if cut:
         logging.getLogger("rlhf").warning(
             "%s: %d of %d rows are longer than %d tokens and are truncated (the prompt keeps its end, each response its start)", slot, cut, len(rows), max_len
