@@ -136,8 +136,8 @@ def test_spearman():
     [({"num_bins": 5}, "data_format=ratings"), ({"data_format": "ratings"}, "num_bins"), ({"init": "magic"}, "init")],
 )
 def test_inconsistent_settings_fail_early(fields, culprit):
-    with pytest.raises(ConfigError, match=culprit):
-        rm_stage._check(rm_stage.Config(**fields))
+    with pytest.raises(ConfigError, match=f"stages.rm: .*{culprit}"):
+        rm_stage.check_config(rm_stage.Config(**fields), "rm")
 
 
 # ----------------------------------------------------------------------------- whole stages

@@ -11,19 +11,38 @@ Files
     ``.txt.gz`` files, each file one document. Unknown keys in a row are ignored.
 
 Row formats
-    SFT          ``{"prompt": str, "response": str}``
+    SFT          ``{"prompt": str, "response" | "completion": str}``, or as message lists
+                 ``{"prompt": [messages], "completion": [assistant messages]}``, or a conversation
+                 ``{"messages": [messages]}``: one example per assistant turn, its prompt the
+                 turns before it (so only assistant turns are trained on; trailing user turns
+                 are ignored)
     Preference   ``{"prompt": str, "chosen": str, "rejected": str}``, or an hh-rlhf transcript pair
-                 ``{"chosen": str, "rejected": str}`` (see ``split_transcript_pair``)
+                 ``{"chosen": str, "rejected": str}`` (see ``split_transcript_pair``); or as
+                 message lists ``{"prompt": [messages], "chosen": [assistant messages],
+                 "rejected": [...]}``, or two conversations ``{"chosen": [messages], "rejected":
+                 [messages]}`` whose shared leading messages are the prompt (see
+                 ``split_conversation_pair``)
     Rating       ``{"prompt": str, "response": str, "rating": 1..5 | "up" | "down" | true | false}``
                  1-5 stars -> label 0..4 (num_levels 5); thumbs down/up or false/true -> 0/1
-                 (num_levels 2). All files read in one call must use the same scale.
+                 (num_levels 2). All files read in one call must use the same scale. Also TRL's
+                 unpaired preference ``{"prompt", "completion", "label": bool}``, strings or
+                 message lists.
     Raw text     ``{"text": str}``
 
-    Prompts may be empty strings; responses (and chosen/rejected) must contain non-whitespace.
+    These are TRL's standard and conversational formats. A message is ``{"role": "system" |
+    "user" | "assistant", "content": str}`` (other keys are ignored); a list is never empty.
+    Message lists are rendered to text by ``rlhf.data.chat``: the checkpoint's chat template on
+    the Hugging Face backend, else the plain hh-rlhf layout ("\\n\\nHuman: ..." /
+    "\\n\\nAssistant: ..."). The readers take it as ``chat=rlhf.data.chat.renderer_for(tokenizer)``.
+
+    Prompts may be empty strings; responses (and chosen/rejected, and every assistant message
+    trained on) must contain non-whitespace.
 
 Bad rows
     Invalid JSON or UTF-8, a row that is not an object, a missing key, a wrong type, an empty
-    response, an out-of-range rating... With ``skip_bad_rows=False`` (the default) the first bad
+    response, an out-of-range rating, an unknown role, a string mixed with message lists, a
+    conversation with no assistant message, a chat template that fails or cannot be split
+    (``rlhf.data.chat.ChatError``)... With ``skip_bad_rows=False`` (the default) the first bad
     row raises ``DataError("path:line: what is wrong")``. With ``skip_bad_rows=True`` bad rows are
     dropped and ONE warning is logged on the ``rlhf`` logger giving the count and the first bad
     row's ``path:line``; if no row at all survives, ``DataError`` is raised. Pass ``stats={}`` to
@@ -43,6 +62,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rlhf.data.chat import ASSISTANT, HUMAN, PLAIN, ROLES, ChatError, Renderer, split_reply
 from rlhf.data.examples import PreferencePair, Rating, SFTExample
 from rlhf.errors import ConfigError, DataError
 
@@ -54,14 +74,12 @@ __all__ = [
     "read_ratings",
     "read_raw_text",
     "read_sft_examples",
+    "split_conversation_pair",
     "split_train_valid",
     "split_transcript_pair",
 ]
 
 log = logging.getLogger("rlhf")
-
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
 
 T = TypeVar("T")
 _GLOB_CHARS = set("*?[")
@@ -228,20 +246,100 @@ def _get_str(row: dict, key: str, *, nonempty: bool) -> str:
     return value
 
 
+# ------------------------------------------------------------------------------ conversations
+
+
+def _get_messages(row: dict, key: str, *, replies: bool = False) -> list[dict]:
+    """`row[key]` as a non-empty list of {"role", "content"} messages (other keys dropped).
+
+    With `replies`, every message must be a non-blank assistant message (what a reply is).
+    """
+    if key not in row:
+        raise BadRow(f"missing key {key!r} (keys: {sorted(row)})")
+    value = row[key]
+    if not isinstance(value, list):
+        raise BadRow(f"{key!r} must be a list of messages, got a JSON {_json_type(value)}")
+    if not value:
+        raise BadRow(f"{key!r} is an empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise BadRow(f"{key}[{i}] is a JSON {_json_type(message)}, expected a {{\"role\", \"content\"}} object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise BadRow(f"{key}[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise BadRow(f"{key}[{i}] content must be a string, got a JSON {_json_type(content)}")
+        if replies and role != "assistant":
+            raise BadRow(f"{key}[{i}] is a {role} message; {key!r} may hold assistant messages only")
+        if replies and not content.strip():
+            raise BadRow(f"{key}[{i}] (assistant) is empty")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _conversational(row: dict, keys: tuple[str, ...]) -> bool:
+    """True if the row's `keys` hold message lists, False if none does; a mix is a `BadRow`."""
+    lists = [k for k in keys if isinstance(row.get(k), list)]
+    if not lists or len(lists) == len(keys):
+        return bool(lists)
+    other = next(k for k in keys if k not in lists)
+    if other not in row:
+        raise BadRow(f"missing key {other!r} (keys: {sorted(row)})")
+    names = ", ".join(repr(k) for k in keys)
+    raise BadRow(f"{lists[0]!r} is a message list but {other!r} is not: give {names} all as strings or all as message lists")
+
+
+def _split(chat: Renderer, prompt: list[dict], reply: list[dict]) -> tuple[str, str]:
+    try:
+        return split_reply(chat, prompt, reply)
+    except ChatError as err:
+        raise BadRow(str(err)) from None
+
+
+def _prompt_and_replies(row: dict, keys: tuple[str, ...], chat: Renderer) -> tuple[str, list[str]]:
+    """(prompt text, [response text per key]) for `{"prompt": [messages], key: [assistant messages]...}`."""
+    prompt = _get_messages(row, "prompt")
+    texts = [_split(chat, prompt, _get_messages(row, key, replies=True)) for key in keys]
+    return texts[0][0], [response for _, response in texts]
+
+
 # --------------------------------------------------------------------------------------- SFT
 
 
-def _parse_sft(row: Any) -> SFTExample:
+def parse_sft(row: Any, chat: Renderer = PLAIN) -> list[SFTExample]:
+    """The row's examples: one, or one per assistant turn of a `{"messages"}` conversation."""
     row = require_object(row)
-    return SFTExample(
-        prompt=_get_str(row, "prompt", nonempty=False),
-        response=_get_str(row, "response", nonempty=True),
-    )
+    if "messages" in row:
+        messages = _get_messages(row, "messages")
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
+            raise BadRow("'messages' has no assistant message to train on")
+        for i in turns:
+            if not messages[i]["content"].strip():
+                raise BadRow(f"messages[{i}] (assistant) is empty")
+        # one example per assistant turn, its prompt everything before it: the stages mask prompt
+        # tokens, so this trains on assistant tokens only (re-encoding the shared prefix per turn)
+        return [SFTExample(*_split(chat, messages[:i], messages[i : i + 1])) for i in turns]
+    key = "completion" if "completion" in row else "response"
+    if _conversational(row, ("prompt", key)):
+        prompt, (response,) = _prompt_and_replies(row, (key,), chat)
+        return [SFTExample(prompt=prompt, response=response)]
+    return [SFTExample(prompt=_get_str(row, "prompt", nonempty=False), response=_get_str(row, key, nonempty=True))]
 
 
-def read_sft_examples(spec, skip_bad_rows: bool = False, stats: dict | None = None) -> list[SFTExample]:
-    """Read `{"prompt", "response"}` rows."""
-    return read_rows(spec, _parse_sft, skip_bad_rows=skip_bad_rows, stats=stats, what="SFT")
+def read_sft_examples(
+    spec, skip_bad_rows: bool = False, stats: dict | None = None, *, chat: Renderer | None = None
+) -> list[SFTExample]:
+    """Read SFT rows: `{"prompt", "response" | "completion"}` as strings or message lists, or `{"messages"}`.
+
+    Message lists are rendered with `chat` (`rlhf.data.chat.renderer_for(tokenizer)`; None: the
+    plain template). A `{"messages"}` row gives one example per assistant turn (trailing user
+    turns are ignored); `stats` counts rows, not examples.
+    """
+    chat = chat or PLAIN
+    rows = read_rows(spec, lambda row: parse_sft(row, chat), skip_bad_rows=skip_bad_rows, stats=stats, what="SFT")
+    return [example for examples in rows for example in examples]
 
 
 # -------------------------------------------------------------------------------- preferences
@@ -283,28 +381,69 @@ def split_transcript_pair(chosen: str, rejected: str) -> PreferencePair:
     return pair
 
 
-def parse_pair(row: Any) -> PreferencePair:
+def split_conversation_pair(chosen: list[dict], rejected: list[dict], chat: Renderer = PLAIN) -> PreferencePair:
+    """Split two conversations (message lists) with an implicit prompt into a pair.
+
+    The prompt is their shared leading messages; what follows in each must be assistant messages
+    only, the two answers (rendered with `chat`, see `rlhf.data.chat.split_reply`). Raises
+    `BadRow` for identical conversations, a side with nothing after the shared messages, or sides
+    that differ before their final assistant messages (a pair compares two answers to one
+    conversation, as in `split_transcript_pair`).
+    """
+    if chosen == rejected:
+        raise BadRow("chosen and rejected are identical")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) == shared:
+            raise BadRow(f"{name} has no message after the {shared} it shares with the other side")
+        for i in range(shared, len(messages)):
+            if messages[i]["role"] != "assistant":
+                raise BadRow(
+                    f"the conversations differ before their final assistant message(s) ({name}[{i}] is a "
+                    f"{messages[i]['role']} message): a pair must compare two answers to the same conversation"
+                )
+            if not messages[i]["content"].strip():
+                raise BadRow(f"{name}[{i}] (assistant) is empty")
+    prompt, chosen_text = _split(chat, chosen[:shared], chosen[shared:])
+    _, rejected_text = _split(chat, chosen[:shared], rejected[shared:])
+    return PreferencePair(prompt=prompt, chosen=chosen_text, rejected=rejected_text)
+
+
+def parse_pair(row: Any, chat: Renderer = PLAIN) -> PreferencePair:
     row = require_object(row)
     if "prompt" in row:
-        prompt = _get_str(row, "prompt", nonempty=False)
-        chosen = _get_str(row, "chosen", nonempty=True)
-        rejected = _get_str(row, "rejected", nonempty=True)
+        if _conversational(row, ("prompt", "chosen", "rejected")):
+            prompt, (chosen, rejected) = _prompt_and_replies(row, ("chosen", "rejected"), chat)
+        else:
+            prompt = _get_str(row, "prompt", nonempty=False)
+            chosen = _get_str(row, "chosen", nonempty=True)
+            rejected = _get_str(row, "rejected", nonempty=True)
         if chosen == rejected:
             raise BadRow("chosen and rejected are identical")
         return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected)
+    if _conversational(row, ("chosen", "rejected")):
+        return split_conversation_pair(_get_messages(row, "chosen"), _get_messages(row, "rejected"), chat)
     chosen = _get_str(row, "chosen", nonempty=True)
     rejected = _get_str(row, "rejected", nonempty=True)
     return split_transcript_pair(chosen, rejected)
 
 
 def read_preference_pairs(
-    spec, skip_bad_rows: bool = False, stats: dict | None = None
+    spec, skip_bad_rows: bool = False, stats: dict | None = None, *, chat: Renderer | None = None
 ) -> list[PreferencePair]:
-    """Read `{"prompt", "chosen", "rejected"}` rows or hh-rlhf `{"chosen", "rejected"}` transcripts.
+    """Read `{"prompt", "chosen", "rejected"}` rows or `{"chosen", "rejected"}` rows with an implicit prompt.
 
-    Both formats may be mixed, even within one file; a row with a "prompt" key is explicit.
+    Each side is a string or a message list. Implicit-prompt strings are hh-rlhf transcripts
+    (`split_transcript_pair`), message lists conversations (`split_conversation_pair`). Message
+    lists are rendered with `chat` (`rlhf.data.chat.renderer_for(tokenizer)`; None: the plain
+    template). All formats may be mixed, even within one file.
     """
-    return read_rows(spec, parse_pair, skip_bad_rows=skip_bad_rows, stats=stats, what="preference")
+    chat = chat or PLAIN
+    return read_rows(
+        spec, lambda row: parse_pair(row, chat), skip_bad_rows=skip_bad_rows, stats=stats, what="preference"
+    )
 
 
 # ------------------------------------------------------------------------------------ ratings
@@ -325,22 +464,41 @@ def _parse_rating_value(value: Any) -> tuple[int, int]:
     raise BadRow(f"rating must be an integer 1-5, 'up'/'down' or true/false, got {value!r}")
 
 
-def read_ratings(spec, skip_bad_rows: bool = False, stats: dict | None = None) -> list[Rating]:
-    """Read `{"prompt", "response", "rating"}` rows.
+def _rating_label(row: dict) -> tuple[int, int]:
+    """(label, num_levels) from "rating", or from TRL's unpaired-preference boolean "label"."""
+    if "rating" in row:
+        return _parse_rating_value(row["rating"])
+    if "label" in row:
+        if not isinstance(row["label"], bool):
+            raise BadRow(f"'label' must be true or false, got {row['label']!r}")
+        return int(row["label"]), 2
+    raise BadRow(f"missing key 'rating' (keys: {sorted(row)})")
 
-    1-5 stars -> label 0..4 with num_levels 5; "up"/"down" or true/false -> 1/0 with num_levels 2.
-    Mixing the two scales in the files read raises `DataError` (even with `skip_bad_rows`).
+
+def read_ratings(
+    spec, skip_bad_rows: bool = False, stats: dict | None = None, *, chat: Renderer | None = None
+) -> list[Rating]:
+    """Read `{"prompt", "response" | "completion", "rating" | "label"}` rows.
+
+    Prompt and response are strings, or message lists rendered with `chat` (None: the plain
+    template; the response then holds assistant messages only). 1-5 stars -> label 0..4 with
+    num_levels 5; "up"/"down" or true/false -> 1/0 with num_levels 2; TRL's boolean "label" is
+    the latter. Mixing the two scales in the files read raises `DataError` (even with
+    `skip_bad_rows`).
     """
+    chat = chat or PLAIN
     first_of_scale: dict[int, str] = {}
     where = {"loc": ""}
 
     def parse(row: Any) -> Rating:
         row = require_object(row)
-        prompt = _get_str(row, "prompt", nonempty=False)
-        response = _get_str(row, "response", nonempty=True)
-        if "rating" not in row:
-            raise BadRow(f"missing key 'rating' (keys: {sorted(row)})")
-        label, levels = _parse_rating_value(row["rating"])
+        key = "completion" if "completion" in row else "response"
+        if _conversational(row, ("prompt", key)):
+            prompt, (response,) = _prompt_and_replies(row, (key,), chat)
+        else:
+            prompt = _get_str(row, "prompt", nonempty=False)
+            response = _get_str(row, key, nonempty=True)
+        label, levels = _rating_label(row)
         first_of_scale.setdefault(levels, where["loc"])
         if len(first_of_scale) > 1:
             stars, thumbs = first_of_scale[5], first_of_scale[2]

@@ -90,9 +90,10 @@ class PairSource:
         self.pairs = None
         self.truncated = 0  # pairs longer than max_length, cut by the shared rule (encode_pair)
         if cfg.data is not None:
+            from rlhf.data.chat import renderer_for
             from rlhf.data.jsonl import read_preference_pairs
 
-            self.pairs = ctx.training_rows(read_preference_pairs(cfg.data, skip_bad_rows=cfg.skip_bad_rows))
+            self.pairs = ctx.training_rows(read_preference_pairs(cfg.data, skip_bad_rows=cfg.skip_bad_rows, chat=renderer_for(self.tok)))
             self.truncated = count_truncated(self.tok, [(p.prompt, [p.chosen, p.rejected]) for p in self.pairs], self.max_length, ctx.slot)
             self.sampler = EpochSampler(len(self.pairs), cfg.batch_size, ctx.seed)
             log.info("dpo: %d preference pairs from %s", len(self.pairs), cfg.data)

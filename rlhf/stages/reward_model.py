@@ -300,15 +300,24 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"max_len={cfg.max_len} is too short")
 
 
+def check_config(cfg: Config, slot: str) -> None:
+    """The orchestrator's check before any stage trains: one ConfigError naming the key."""
+    try:
+        _check(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"stages.{slot}: {err}") from None
+
+
 def read_file_data(cfg: Config, tok, metrics: dict[str, float]) -> tuple[list[tuple], list[tuple]]:
     """Encoded (train, valid) rows from `data` (and `valid_data`): (prompt, chosen, rejected) or (prompt, response, label)."""
+    from rlhf.data.chat import renderer_for
     from rlhf.data.jsonl import read_preference_pairs, read_ratings, split_train_valid
 
     ratings = cfg.data_format == "ratings"
 
     def read(spec):
         stats: dict = {}
-        rows = (read_ratings if ratings else read_preference_pairs)(spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats)
+        rows = (read_ratings if ratings else read_preference_pairs)(spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats, chat=renderer_for(tok))
         metrics["data/skipped_rows"] = metrics.get("data/skipped_rows", 0.0) + stats["skipped"]
         if ratings and rows[0].num_levels != cfg.num_bins:  # the reader already checked that all rows agree
             raise ConfigError(f"{spec}: the ratings have {rows[0].num_levels} levels but num_bins={cfg.num_bins}")
@@ -350,10 +359,7 @@ def evaluate_file_data(model: RewardModel, tok, cfg: Config, valid: list[tuple])
 
 def run(ctx: StageContext) -> StageResult:
     cfg, task, tok = ctx.cfg, ctx.task, ctx.tokenizer
-    try:
-        _check(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"stages.{ctx.slot}: {err}") from None
+    check_config(cfg, ctx.slot)
     ratings = cfg.data_format == "ratings"
     metrics: dict[str, float] = {}
 

@@ -29,9 +29,10 @@ def run(ctx: StageContext) -> StageResult:
     cfg, task, tok = ctx.cfg, ctx.task, ctx.tokenizer
     max_len, truncated = ctx.policy.max_seq_len, 0  # rows longer than the context are cut, one rule for every stage
     if cfg.data is not None:
+        from rlhf.data.chat import renderer_for
         from rlhf.data.jsonl import read_sft_examples
 
-        examples = ctx.training_rows(read_sft_examples(cfg.data))
+        examples = ctx.training_rows(read_sft_examples(cfg.data, chat=renderer_for(tok)))
         truncated = count_truncated(tok, [(e.prompt, [e.response]) for e in examples], max_len, ctx.slot)
         sampler = EpochSampler(len(examples), cfg.batch_size, ctx.seed)
         draw = lambda step: [examples[i] for i in sampler.batch(step)]  # noqa: E731

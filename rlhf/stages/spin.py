@@ -120,9 +120,10 @@ class SpinModule(L.LightningModule):
         self.per_round = ctx.cfg.batch_size * ctx.cfg.steps_per_round
         self.examples = None
         if ctx.cfg.data is not None:
+            from rlhf.data.chat import renderer_for
             from rlhf.data.jsonl import read_sft_examples
 
-            self.examples = ctx.training_rows(read_sft_examples(ctx.cfg.data))
+            self.examples = ctx.training_rows(read_sft_examples(ctx.cfg.data, chat=renderer_for(ctx.tokenizer)))
             self.sampler = EpochSampler(len(self.examples), self.per_round, ctx.seed)
         self.round = -1
         self.data: Optional[RoundPairs] = None

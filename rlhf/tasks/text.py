@@ -2,8 +2,10 @@
 
 `task.data` names the files (a path, a glob or a list). Any row format the data readers know
 may appear: hh-rlhf transcript pairs `{"chosen", "rejected"}`, explicit pairs
-`{"prompt", "chosen", "rejected"}`, SFT or rating rows `{"prompt", "response", ...}` and raw
-text `{"text"}`. From them the task takes
+`{"prompt", "chosen", "rejected"}`, SFT or rating rows `{"prompt", "response", ...}`, their
+conversational forms (message lists, `{"messages"}`; rendered with the plain template,
+rlhf.data.chat, so on the hf backend, whose stages use the checkpoint's chat template, the
+held-out filter misses conversational rows) and raw text `{"text"}`. From them the task takes
 
 - the tokenizer: byte-level BPE (`task.vocab_size`) trained on all their text, ONCE per run,
   and saved as `<run_dir>/tokenizer.json`; a resumed run reloads that file, so token ids never
@@ -29,7 +31,7 @@ from typing import Any, Optional
 
 from rlhf.checkpoint import atomic_path
 from rlhf.data.bpe import BPETokenizer
-from rlhf.data.jsonl import HUMAN, BadRow, parse_pair, read_rows, require_object
+from rlhf.data.jsonl import HUMAN, BadRow, parse_pair, parse_sft, read_rows, require_object
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.tasks import TaskConfig
 from rlhf.training import global_rank
@@ -49,11 +51,16 @@ def _parse_any(row: Any) -> tuple[str, list[str]]:
         except BadRow:
             # a pair a preference stage would reject (identical sides, no shared prompt) still
             # holds good text for the tokenizer; only its prompt is unusable
-            texts = [row.get("prompt"), row.get("chosen"), row.get("rejected")]
-            if not any(isinstance(t, str) and t for t in texts):
+            texts = [t for key in ("prompt", "chosen", "rejected") for t in _strings(row.get(key))]
+            if not any(texts):
                 raise
-            return "", [t for t in texts if isinstance(t, str)]
+            return "", texts
         return pair.prompt, [pair.prompt, pair.chosen, pair.rejected]
+    if "messages" in row or "completion" in row:
+        # rendered with the plain template, as the stages render them for this task's tokenizer;
+        # the last turn's prompt holds the whole conversation before the final answer
+        last = parse_sft(row)[-1]
+        return last.prompt, [last.prompt, last.response]
     if "response" in row:
         prompt, response = row.get("prompt", ""), row["response"]
         if not isinstance(prompt, str) or not isinstance(response, str):
@@ -64,6 +71,15 @@ def _parse_any(row: Any) -> tuple[str, list[str]]:
             raise BadRow("'text' must be a string")
         return "", [row["text"]]
     raise BadRow(f"expected a pair, a prompt/response or a text row (keys: {sorted(row)})")
+
+
+def _strings(value: Any) -> list[str]:
+    """The text in a row's field: a string, or the contents of a message list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return []
 
 
 def shorten_prompt(prompt: str, max_chars: int = MAX_EVAL_PROMPT_CHARS) -> str:
