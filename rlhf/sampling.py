@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from rlhf.data.token_store import TokenStore, encode_texts, store_rows
 
 
 @dataclass
@@ -113,8 +114,14 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     `bos_id`, else its EOS, which separates documents as GPT-2's <|endoftext|> does), so a
     response's first token always has a position to be predicted from. Every layout (SFT, the
     preference pairs, generation, rollouts) encodes prompts through here, so they agree."""
+    return open_prompt(tokenizer, tokenizer.encode(text))
+
+
+def open_prompt(tokenizer, ids: list[int]) -> list[int]:
+    """`encode_prompt` of a text whose plain ids (`tokenizer.encode`) are `ids`: for callers
+    that encode many texts in one batch (rlhf.data.token_store.encode_texts)."""
     bos = getattr(tokenizer, "bos_id", None)
-    return tokenizer.encode(text) or [tokenizer.eos_id if bos is None else bos]
+    return ids or [tokenizer.eos_id if bos is None else bos]
 
 
 def truncate_to_fit(prompt: list[int], responses: list[list[int]], max_len: int) -> tuple[list[int], list[list[int]], bool]:
@@ -136,15 +143,27 @@ def truncate_to_fit(prompt: list[int], responses: list[list[int]], max_len: int)
 def count_truncated(tokenizer, rows, max_len: int, slot: str) -> int:
     """How many (prompt, responses) text rows `truncate_to_fit` cuts at max_len tokens (each
     response with its EOS); logs a warning naming the stage and the count when any is."""
-    import logging
-
     eos = [tokenizer.eos_id]
     cut = sum(truncate_to_fit(encode_prompt(tokenizer, p), [tokenizer.encode(r) + eos for r in rs], max_len)[2] for p, rs in rows)
+    _warn_truncated(cut, len(rows), max_len, slot)
+    return cut
+
+
+def count_truncated_ids(rows, max_len: int, slot: str) -> int:
+    """`count_truncated` of rows already encoded: each row (prompt ids as `encode_prompt` gives
+    them, then each response's ids with its EOS), e.g. a `TokenStore`'s. Logs the same warning."""
+    cut = sum(truncate_to_fit(row[0], list(row[1:]), max_len)[2] for row in rows)
+    _warn_truncated(cut, len(rows), max_len, slot)
+    return cut
+
+
+def _warn_truncated(cut: int, rows: int, max_len: int, slot: str) -> None:
+    import logging
+
     if cut:
         logging.getLogger("rlhf").warning(
-            "%s: %d of %d rows are longer than %d tokens and are truncated (the prompt keeps its end, each response its start)", slot, cut, len(rows), max_len
+            "%s: %d of %d rows are longer than %d tokens and are truncated (the prompt keeps its end, each response its start)", slot, cut, rows, max_len
         )
-    return cut
 
 
 def encode_examples(tokenizer, examples, device=None, max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +172,30 @@ def encode_examples(tokenizer, examples, device=None, max_len: Optional[int] = N
     With max_len, rows longer than it are cut by `truncate_to_fit`."""
     prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
     responses = [tokenizer.encode(e.response) + [tokenizer.eos_id] for e in examples]
+    return join_fitted(prompts, responses, tokenizer.pad_id, max_len, device)
+
+
+def join_fitted(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, max_len: Optional[int] = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`join_prompt_response` of rows first cut to max_len by `truncate_to_fit` (None: not cut)."""
     if max_len is not None:
         cut = [truncate_to_fit(p, [r], max_len) for p, r in zip(prompts, responses)]
         prompts, responses = [p for p, _, _ in cut], [rs[0] for _, rs, _ in cut]
-    return join_prompt_response(prompts, responses, tokenizer.pad_id, device)
+    return join_prompt_response(prompts, responses, pad_id, device)
+
+
+def example_store(examples, tokenizer) -> TokenStore:
+    """Every (prompt, response) example (an iterable of anything with .prompt and .response
+    text, consumed once) encoded as `encode_examples` encodes it before truncation, in a
+    `rlhf.data.token_store.TokenStore` of rows (prompt ids, response ids + EOS): `join_fitted`
+    of some rows' prompts and responses is `encode_examples` of those examples."""
+
+    def encode(chunk):
+        ids = encode_texts(tokenizer, [t for e in chunk for t in (e.prompt, e.response)])
+        return [(open_prompt(tokenizer, ids[2 * i]), ids[2 * i + 1] + [tokenizer.eos_id]) for i in range(len(chunk))]
+
+    return store_rows(examples, encode, 2)
 
 
 def join_prompt_response(

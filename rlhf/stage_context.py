@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -64,9 +65,13 @@ class StageContext:
         held-out score stays held out. On a task that evaluates its own prompts (the built-in
         task) say plainly that the evaluation is not of this data. Raises DataError if no row
         is left."""
-        import logging
+        return list(self.iter_training_rows(rows, what))
 
-        from rlhf.errors import DataError
+    def iter_training_rows(self, rows: Iterable, what: str = "data") -> Iterator:
+        """`training_rows` one row at a time, for stages that keep less than the rows (their
+        encoded tokens, rlhf.data.token_store): the count is logged, or the DataError raised,
+        when `rows` is exhausted."""
+        import logging
 
         log = logging.getLogger("rlhf")
         if not hasattr(self.task, "is_held_out"):
@@ -74,13 +79,22 @@ class StageContext:
                 "stages.%s.%s: the stage trains on your data, but the run evaluates on the %s task's own prompts, not on it; "
                 "for held-out prompts of your data set task=text task.data=YOUR_FILES", self.slot, what, self.run_cfg.task.name,
             )
-            return rows
-        kept = [row for row in rows if not self.task.is_held_out(row.prompt)]
-        if len(kept) < len(rows):
-            log.info("stages.%s.%s: %d of %d rows have a prompt held out for evaluation and are left out of training", self.slot, what, len(rows) - len(kept), len(rows))
+            return iter(rows)
+        return self._kept_rows(rows, what, log)
+
+    def _kept_rows(self, rows: Iterable, what: str, log) -> Iterator:
+        from rlhf.errors import DataError
+
+        total = kept = 0
+        for row in rows:
+            total += 1
+            if not self.task.is_held_out(row.prompt):
+                kept += 1
+                yield row
+        if kept < total:
+            log.info("stages.%s.%s: %d of %d rows have a prompt held out for evaluation and are left out of training", self.slot, what, total - kept, total)
         if not kept:
             raise DataError(f"stages.{self.slot}.{what}: every row's prompt is held out for evaluation (task.num_eval_prompts); nothing is left to train on")
-        return kept
 
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (for reward models, critics, references)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf.losses.preference import (
+    reward_centering_penalty,
     DPOOutput,
     binned_rating_loss,
     bradley_terry_loss,
@@ -50,6 +51,17 @@ def test_bradley_terry_gradient_separates_rewards():
     # d/d rc of -logsig(rc - rr) = -sigmoid(rr - rc) = -0.5 at a tie
     assert rc.grad.item() == pytest.approx(-0.5, abs=ATOL)
     assert rr.grad.item() == pytest.approx(0.5, abs=ATOL)
+
+
+def test_reward_centering_penalty_hand_computed():
+    # sums: 1 + (-1) = 0 and 2 + 0.5 = 2.5; mean of squares = (0 + 6.25) / 2 = 3.125
+    rc, rr = t(1.0, 2.0).requires_grad_(), t(-1.0, 0.5).requires_grad_()
+    penalty = reward_centering_penalty(rc, rr)
+    assert penalty.item() == pytest.approx(3.125, abs=ATOL)
+    # d/d r of mean((rc + rr)^2) = 2 (rc + rr) / B: 0 for the centred pair, 2.5 for the other, both sides alike;
+    # the difference rc - rr, what Bradley-Terry ranks by, gets no gradient from it
+    penalty.backward()
+    assert rc.grad.tolist() == pytest.approx([0.0, 2.5], abs=ATOL) and rr.grad.tolist() == pytest.approx([0.0, 2.5], abs=ATOL)
 
 
 def test_binned_rating_loss_hand_computed():

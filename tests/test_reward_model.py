@@ -133,12 +133,31 @@ def test_spearman():
 
 @pytest.mark.parametrize(
     "fields, culprit",
-    [({"num_bins": 5}, "data_format=ratings"), ({"data_format": "ratings"}, "num_bins"), ({"init": "magic"}, "init")],
+    [({"num_bins": 5}, "data_format=ratings"), ({"data_format": "ratings"}, "num_bins"), ({"init": "magic"}, "init"),
+     ({"center_rewards_coefficient": -0.01}, "center_rewards_coefficient")],
 )
 def test_inconsistent_settings_fail_early(fields, culprit):
     with pytest.raises(ConfigError, match=f"stages.rm: .*{culprit}"):
         rm_stage.check_config(rm_stage.Config(**fields), "rm")
 
+
+
+def test_reward_centering_adds_its_penalty_to_the_pair_loss(monkeypatch):
+    from rlhf.losses.preference import bradley_terry_loss, reward_centering_penalty
+
+    model = tiny_reward_model()
+    tokens, mask = join_prompt_response([[2, 3], [4], [2, 3], [4]], [[7, 1], [8, 9, 1], [9, 1], [7, 1]], pad_id=0)
+    with torch.no_grad():
+        chosen, rejected = model(tokens, mask).chunk(2)
+    losses = {}
+    for coef in (0.0, 0.5):
+        module = rm_stage.RewardModule(model, rm_stage.Config(center_rewards_coefficient=coef), "rm")
+        monkeypatch.setattr(module, "log", lambda *a, **k: None)
+        with torch.no_grad():
+            losses[coef] = module.training_step({"tokens": tokens, "mask": mask}, 0).item()
+    assert losses[0.0] == pytest.approx(bradley_terry_loss(chosen, rejected).item(), abs=1e-6)
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * reward_centering_penalty(chosen, rejected).item(), abs=1e-5)
+    assert losses[0.5] > losses[0.0]
 
 # ----------------------------------------------------------------------------- whole stages
 

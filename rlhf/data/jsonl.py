@@ -47,6 +47,12 @@ Bad rows
     dropped and ONE warning is logged on the ``rlhf`` logger giving the count and the first bad
     row's ``path:line``; if no row at all survives, ``DataError`` is raised. Pass ``stats={}`` to
     get ``stats["read"]`` (rows kept) and ``stats["skipped"]`` (rows dropped) back.
+
+Streaming
+    ``read_sft_examples``, ``read_preference_pairs``, ``read_ratings`` (and ``read_rows``) return
+    lists; their ``stream_*`` twins yield the same items one at a time, for callers that keep less
+    than the text (the stages keep encoded tokens, ``rlhf.data.token_store``). A bad row raises
+    when the stream reaches it; ``stats``, the warning and the no-rows error come at its end.
 """
 
 from __future__ import annotations
@@ -77,6 +83,10 @@ __all__ = [
     "split_conversation_pair",
     "split_train_valid",
     "split_transcript_pair",
+    "stream_preference_pairs",
+    "stream_ratings",
+    "stream_rows",
+    "stream_sft_examples",
 ]
 
 log = logging.getLogger("rlhf")
@@ -170,7 +180,12 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def read_rows(
+def read_rows(spec, parse: Callable[[Any], T], **options) -> list[T]:
+    """Every row of `stream_rows(spec, parse, **options)` in a list."""
+    return list(stream_rows(spec, parse, **options))
+
+
+def stream_rows(
     spec,
     parse: Callable[[Any], T],
     *,
@@ -179,11 +194,19 @@ def read_rows(
     what: str,
     allowed: tuple[str, ...] = (".jsonl",),
     reader: Callable[[Path], Iterator[tuple[int, Any]]] = _iter_rows,
-) -> list[T]:
+) -> Iterator[T]:
+    """`read_rows` one row at a time, so a caller that keeps less than the parsed rows (the
+    encoded tokens, rlhf.data.token_store) never holds them all. The spec and file types are
+    checked now; bad rows raise (or are counted) as they come, and `stats`, the skipped-rows
+    warning and the no-rows `DataError` come when the iterator is exhausted."""
     paths = expand_paths(spec)
     for path in paths:
         _check_suffix(path, allowed)
-    out: list[T] = []
+    return _parsed_rows(paths, parse, skip_bad_rows, stats, what, reader)
+
+
+def _parsed_rows(paths, parse, skip_bad_rows, stats, what, reader) -> Iterator:
+    kept = 0
     skipped, first_bad = 0, None
     for path in paths:
         for lineno, row in reader(path):
@@ -198,21 +221,21 @@ def read_rows(
                 if first_bad is None:
                     first_bad = f"{path}:{lineno}: {err}"
                 continue
-            out.append(item)
+            kept += 1
+            yield item
     if stats is not None:
-        stats["read"] = len(out)
+        stats["read"] = kept
         stats["skipped"] = skipped
     where = ", ".join(str(p) for p in paths)
-    if not out:
+    if not kept:
         if skipped:
             raise DataError(f"every row ({skipped}) was bad in {where}; first: {first_bad}")
         raise DataError(f"{where}: no {what} rows found (empty files?)")
     if skipped:
         log.warning(
             "skipped %d bad %s row(s) of %d in %s; first: %s",
-            skipped, what, skipped + len(out), where, first_bad,
+            skipped, what, skipped + kept, where, first_bad,
         )
-    return out
 
 
 def require_object(row: Any) -> dict:
@@ -337,9 +360,16 @@ def read_sft_examples(
     plain template). A `{"messages"}` row gives one example per assistant turn (trailing user
     turns are ignored); `stats` counts rows, not examples.
     """
+    return list(stream_sft_examples(spec, skip_bad_rows, stats, chat=chat))
+
+
+def stream_sft_examples(
+    spec, skip_bad_rows: bool = False, stats: dict | None = None, *, chat: Renderer | None = None
+) -> Iterator[SFTExample]:
+    """`read_sft_examples` one example at a time (see `stream_rows`)."""
     chat = chat or PLAIN
-    rows = read_rows(spec, lambda row: parse_sft(row, chat), skip_bad_rows=skip_bad_rows, stats=stats, what="SFT")
-    return [example for examples in rows for example in examples]
+    rows = stream_rows(spec, lambda row: parse_sft(row, chat), skip_bad_rows=skip_bad_rows, stats=stats, what="SFT")
+    return (example for examples in rows for example in examples)
 
 
 # -------------------------------------------------------------------------------- preferences
@@ -440,8 +470,15 @@ def read_preference_pairs(
     lists are rendered with `chat` (`rlhf.data.chat.renderer_for(tokenizer)`; None: the plain
     template). All formats may be mixed, even within one file.
     """
+    return list(stream_preference_pairs(spec, skip_bad_rows, stats, chat=chat))
+
+
+def stream_preference_pairs(
+    spec, skip_bad_rows: bool = False, stats: dict | None = None, *, chat: Renderer | None = None
+) -> Iterator[PreferencePair]:
+    """`read_preference_pairs` one pair at a time (see `stream_rows`)."""
     chat = chat or PLAIN
-    return read_rows(
+    return stream_rows(
         spec, lambda row: parse_pair(row, chat), skip_bad_rows=skip_bad_rows, stats=stats, what="preference"
     )
 
@@ -478,7 +515,14 @@ def _rating_label(row: dict) -> tuple[int, int]:
 def read_ratings(
     spec, skip_bad_rows: bool = False, stats: dict | None = None, *, chat: Renderer | None = None
 ) -> list[Rating]:
-    """Read `{"prompt", "response" | "completion", "rating" | "label"}` rows.
+    """Read `{"prompt", "response" | "completion", "rating" | "label"}` rows (see `stream_ratings`)."""
+    return list(stream_ratings(spec, skip_bad_rows, stats, chat=chat))
+
+
+def stream_ratings(
+    spec, skip_bad_rows: bool = False, stats: dict | None = None, *, chat: Renderer | None = None
+) -> Iterator[Rating]:
+    """Read `{"prompt", "response" | "completion", "rating" | "label"}` rows, one at a time (`stream_rows`).
 
     Prompt and response are strings, or message lists rendered with `chat` (None: the plain
     template; the response then holds assistant messages only). 1-5 stars -> label 0..4 with
@@ -513,7 +557,7 @@ def read_ratings(
             where["loc"] = f"{path}:{lineno}"
             yield lineno, row
 
-    return read_rows(
+    return stream_rows(
         spec, parse, skip_bad_rows=skip_bad_rows, stats=stats, what="rating", reader=reader
     )
 

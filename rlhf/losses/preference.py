@@ -44,6 +44,27 @@ def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor
     return -F.logsigmoid(reward_chosen - reward_rejected).mean()
 
 
+def reward_centering_penalty(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+    """Auxiliary loss pulling each pair's rewards toward a zero mean (Eisenstein et al. 2023,
+    "Helping or Herding?"; TRL's RewardTrainer `center_rewards_coefficient` adds this times the
+    coefficient to the Bradley-Terry loss).
+
+    penalty = mean_b[ (r_chosen_b + r_rejected_b)^2 ]
+
+    Bradley-Terry fixes only differences within a pair, so each prompt's rewards may sit at
+    their own offset; a policy-gradient stage then needs a critic that learns every offset
+    before the differences between answers show through.
+
+    Args:
+        reward_chosen: (B,) scalar rewards of the preferred responses.
+        reward_rejected: (B,) scalar rewards of the dispreferred responses.
+
+    Returns:
+        Scalar tensor.
+    """
+    return ((reward_chosen + reward_rejected) ** 2).mean()
+
+
 def binned_rating_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross entropy over K rating bins (PaLM-rlhf-pytorch's `num_binned_output`).
 

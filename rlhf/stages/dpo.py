@@ -40,17 +40,19 @@ from rlhf.preference_batch import (
     check_loss_config,
     collate_pairs,
     encode_pair,
+    fit_pair,
     heldout_eval,
     log_now,
     needs_reference,
     pack_pairs,
     pair_logprobs,
+    pair_store,
     preference_loss,
     reference_logprobs,
     shared_prompt_forward,
     starting_reference,
 )
-from rlhf.sampling import count_truncated
+from rlhf.sampling import count_truncated_ids
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import EpochSampler, adamw_with_schedule, check_finite, step_rng
 
@@ -87,14 +89,16 @@ class PairSource:
         self.task, self.tok, self.batch_size, self.seed = ctx.task, ctx.tokenizer, cfg.batch_size, ctx.seed
         self.max_length = cfg.max_length or ctx.policy.max_seq_len
         self.share_prompt = cfg.share_prompt and can_share_prompt(ctx.policy)
-        self.pairs = None
+        self.pairs = None  # file data: a TokenStore of untruncated (prompt, chosen, rejected) ids
         self.truncated = 0  # pairs longer than max_length, cut by the shared rule (encode_pair)
         if cfg.data is not None:
             from rlhf.data.chat import renderer_for
-            from rlhf.data.jsonl import read_preference_pairs
+            from rlhf.data.jsonl import stream_preference_pairs
 
-            self.pairs = ctx.training_rows(read_preference_pairs(cfg.data, skip_bad_rows=cfg.skip_bad_rows, chat=renderer_for(self.tok)))
-            self.truncated = count_truncated(self.tok, [(p.prompt, [p.chosen, p.rejected]) for p in self.pairs], self.max_length, ctx.slot)
+            # encoded as they stream in; only the compact ids stay (pair_store; issue #17 item 9)
+            rows = ctx.iter_training_rows(stream_preference_pairs(cfg.data, skip_bad_rows=cfg.skip_bad_rows, chat=renderer_for(self.tok)))
+            self.pairs = pair_store(rows, self.tok)
+            self.truncated = count_truncated_ids(self.pairs, self.max_length, ctx.slot)
             self.sampler = EpochSampler(len(self.pairs), cfg.batch_size, ctx.seed)
             log.info("dpo: %d preference pairs from %s", len(self.pairs), cfg.data)
         elif not hasattr(ctx.task, "preference_pair"):
@@ -104,7 +108,7 @@ class PairSource:
 
     def items(self, i: int) -> list[tuple[int, EncodedPair]]:
         if self.pairs is not None:
-            return [(k, encode_pair(self.pairs[k], self.tok, self.max_length)) for k in self.sampler.batch(i)]
+            return [(k, fit_pair(self.pairs[k], self.max_length)) for k in self.sampler.batch(i)]
         rng = step_rng(self.seed, i)
         pairs = [self.task.preference_pair(rng) for _ in range(self.batch_size)]
         return [(i * self.batch_size + j, encode_pair(p, self.tok, self.max_length)) for j, p in enumerate(pairs)]

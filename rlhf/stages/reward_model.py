@@ -45,8 +45,9 @@ import lightning as L
 import torch
 
 from rlhf.config import StageConfig
+from rlhf.data.token_store import TokenStore, store_rows
 from rlhf.errors import ConfigError
-from rlhf.losses.preference import binned_rating_loss, bradley_terry_loss, expected_rating, preference_accuracy
+from rlhf.losses.preference import binned_rating_loss, bradley_terry_loss, expected_rating, preference_accuracy, reward_centering_penalty
 from rlhf.lora import base_state_dict
 from rlhf.reward import RewardModel, save_reward_model, truncate
 from rlhf.sampling import join_prompt_response
@@ -70,6 +71,9 @@ class Config(StageConfig):
     valid_fraction: float = 0.1
     split_seed: int = 0  # fixes the split whatever the run's seed, so runs compare on one held-out set
     num_bins: int = 1  # 1: scalar Bradley-Terry reward; > 1: rating bins (needs ratings)
+    # pairs: + this x mean((r_chosen + r_rejected)^2), rewards centred near 0 for every prompt
+    # (TRL's name; Eisenstein et al. 2023 use 0.01)
+    center_rewards_coefficient: float = 0.0
     skip_bad_rows: bool = False
     max_len: int = 256  # tokens per row, prompt + response + EOS (see the module docstring)
     eval_batch_size: int = 64
@@ -205,6 +209,8 @@ class RewardModule(L.LightningModule):
         else:
             chosen, rejected = self.model(batch["tokens"], batch["mask"]).chunk(2)
             loss = bradley_terry_loss(chosen, rejected)
+            if self.stage_cfg.center_rewards_coefficient:
+                loss = loss + self.stage_cfg.center_rewards_coefficient * reward_centering_penalty(chosen, rejected)
             self.log("train/pair_accuracy", preference_accuracy(chosen, rejected))
             self.log("train/reward_margin", (chosen - rejected).mean())
         check_finite(loss, self.slot, self.global_step)
@@ -298,6 +304,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("policy_fraction and graded_fraction must be >= 0 with a sum <= 1")
     if cfg.max_len < 4:
         raise ConfigError(f"max_len={cfg.max_len} is too short")
+    if cfg.center_rewards_coefficient < 0:
+        raise ConfigError(f"center_rewards_coefficient={cfg.center_rewards_coefficient} must be >= 0")
 
 
 def check_config(cfg: Config, slot: str) -> None:
@@ -308,41 +316,54 @@ def check_config(cfg: Config, slot: str) -> None:
         raise ConfigError(f"stages.{slot}: {err}") from None
 
 
-def read_file_data(cfg: Config, tok, metrics: dict[str, float]) -> tuple[list[tuple], list[tuple]]:
-    """Encoded (train, valid) rows from `data` (and `valid_data`): (prompt, chosen, rejected) or (prompt, response, label)."""
+def read_file_data(cfg: Config, tok, metrics: dict[str, float], keep=None) -> tuple[TokenStore, TokenStore]:
+    """Encoded (train, valid) rows from `data` (and `valid_data`): (prompt, chosen, rejected) or (prompt, response, label).
+
+    `keep` (the stage context's `iter_training_rows`) filters the rows of `data` before they are
+    split: a prompt the task holds out for evaluating the policy is neither trained on nor used
+    to validate the reward model. `valid_data` is read whole.
+
+    Each is a TokenStore (rlhf.data.token_store) whose row i is that tuple of id lists: rows are
+    encoded as they stream in, so neither the text nor lists of ints are ever all resident
+    (issue #17 item 9: 100k pairs took ~28x their encoded size as lists)."""
     from rlhf.data.chat import renderer_for
-    from rlhf.data.jsonl import read_preference_pairs, read_ratings, split_train_valid
+    from rlhf.data.jsonl import split_train_valid, stream_preference_pairs, stream_ratings
 
     ratings = cfg.data_format == "ratings"
+    keys = ("prompt", "response") if ratings else ("prompt", "chosen", "rejected")
 
-    def read(spec):
+    def encode(chunk):
+        ids = _ids(tok, [getattr(x, k) for x in chunk for k in keys])
+        return [ids[i * len(keys) : (i + 1) * len(keys)] for i in range(len(chunk))]
+
+    def read(spec, keep=lambda rows: rows):
         stats: dict = {}
-        rows = (read_ratings if ratings else read_preference_pairs)(spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats, chat=renderer_for(tok))
-        metrics["data/skipped_rows"] = metrics.get("data/skipped_rows", 0.0) + stats["skipped"]
-        if ratings and rows[0].num_levels != cfg.num_bins:  # the reader already checked that all rows agree
-            raise ConfigError(f"{spec}: the ratings have {rows[0].num_levels} levels but num_bins={cfg.num_bins}")
-        return rows
+        levels: list[int] = []  # the first rating's scale (the reader checks that all rows agree)
 
-    train = read(cfg.data)
+        def label(x):
+            if not levels:
+                levels.append(x.num_levels)
+            return x.label
+
+        rows = (stream_ratings if ratings else stream_preference_pairs)(spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats, chat=renderer_for(tok))
+        store = store_rows(keep(rows), encode, len(keys), label=label if ratings else None)
+        metrics["data/skipped_rows"] = metrics.get("data/skipped_rows", 0.0) + stats["skipped"]
+        if ratings and levels[0] != cfg.num_bins:
+            raise ConfigError(f"{spec}: the ratings have {levels[0]} levels but num_bins={cfg.num_bins}")
+        return store
+
+    train = read(cfg.data, keep or (lambda rows: rows))
     if cfg.valid_data is not None:
         valid = read(cfg.valid_data)
     else:
-        train, valid = split_train_valid(train, cfg.valid_fraction, cfg.split_seed)
+        # the same seeded split as of the rows themselves, as row numbers: the store is not copied
+        train_rows, valid_rows = split_train_valid(range(len(train)), cfg.valid_fraction, cfg.split_seed)
+        train, valid = train.subset(train_rows), train.subset(valid_rows)
     metrics["data/train_rows"], metrics["data/valid_rows"] = float(len(train)), float(len(valid))
-
-    def encode(rows):
-        if not rows:
-            return []
-        keys = ("prompt", "response") if ratings else ("prompt", "chosen", "rejected")
-        columns = [_ids(tok, [getattr(x, k) for x in rows]) for k in keys]
-        if ratings:
-            columns.append([x.label for x in rows])
-        return list(zip(*columns))
-
-    return encode(train), encode(valid)
+    return train, valid
 
 
-def evaluate_file_data(model: RewardModel, tok, cfg: Config, valid: list[tuple]) -> dict[str, float]:
+def evaluate_file_data(model: RewardModel, tok, cfg: Config, valid: TokenStore) -> dict[str, float]:
     if not valid:
         return {}
     if cfg.data_format == "pairs":
@@ -364,7 +385,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
 
     if cfg.data is not None:
-        train, valid = read_file_data(cfg, tok, metrics)
+        train, valid = read_file_data(cfg, tok, metrics, keep=ctx.iter_training_rows)
         sampler = EpochSampler(len(train), cfg.batch_size, ctx.seed)
         draw = lambda step: [train[i] for i in sampler.batch(step)]  # noqa: E731
     else:

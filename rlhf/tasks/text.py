@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from rlhf.checkpoint import atomic_path
 from rlhf.data.bpe import BPETokenizer
-from rlhf.data.jsonl import HUMAN, BadRow, parse_pair, parse_sft, read_rows, require_object
+from rlhf.data.jsonl import HUMAN, BadRow, parse_pair, parse_sft, require_object, stream_rows
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.tasks import TaskConfig
 from rlhf.training import global_rank
@@ -97,10 +97,13 @@ class TextTask:
         if cfg.data is None:
             raise ConfigError("task.name=text needs task.data=PATH (JSONL files: pairs, prompt/response or text rows)")
         self.cfg = cfg
-        rows = read_rows(cfg.data, _parse_any, skip_bad_rows=False, stats=None, what="text task")
-        self.tokenizer = self._tokenizer(Path(run_dir), (t for _, texts in rows for t in texts if t))
 
-        prompts = list(dict.fromkeys(p for p, _ in rows if p.strip()))  # distinct, in file order
+        def rows():  # streamed, twice at most, never all held: the files may be large (issue #17 item 9)
+            return stream_rows(cfg.data, _parse_any, skip_bad_rows=False, stats=None, what="text task")
+
+        prompts = list(dict.fromkeys(p for p, _ in rows() if p.strip()))  # distinct, in file order
+        # the second pass runs only when the tokenizer is trained (not on a resumed run)
+        self.tokenizer = self._tokenizer(Path(run_dir), (t for _, texts in rows() for t in texts if t))
         random.Random(cfg.seed).shuffle(prompts)
         # at most a fifth of the distinct prompts (at least one): a small file (a feedback export
         # of 40 ratings, say) keeps most of its prompts to train on
