@@ -54,7 +54,7 @@ class TrainerConfig:
 
     accelerator: str = "auto"
     devices: Any = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # a Lightning strategy name, or fsdp: the policy sharded per block (rlhf/fsdp.py)
     num_nodes: int = 1
     precision: str = "32-true"
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf import checkpoint
+from rlhf import checkpoint, fsdp
 from rlhf.config import ENVIRONMENT_KEYS, flat_config, typed_run_config, typed_stage_config
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.evaluation import evaluate_policy
@@ -99,7 +99,8 @@ def check_accelerator(trainer_cfg) -> None:
     """A GPU asked for on a machine without one fails now, in one line, not inside Lightning."""
     accelerator = str(trainer_cfg.accelerator).lower()
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={trainer_cfg.accelerator}: no CUDA GPU is available on this machine; run on the CPU (trainer=default or trainer=ddp_cpu)")
+        cpu = "trainer=fsdp_cpu" if fsdp.is_fsdp(trainer_cfg) else "trainer=default or trainer=ddp_cpu"
+        raise ConfigError(f"trainer.accelerator={trainer_cfg.accelerator}: no CUDA GPU is available on this machine; run on the CPU ({cpu})")
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: Apple's MPS is not available on this machine; run on the CPU (trainer=default)")
 
@@ -165,6 +166,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
     stage_cfgs = {slot: typed_stage_config(slot, cfg.stages[slot]) for slot in cfg.order}
     check_slot_references(list(cfg.order), stage_cfgs)
     check_accelerator(cfg.trainer)
+    fsdp.check_config(cfg.trainer, cfg.model, list(cfg.order), stage_cfgs, resuming)  # what cannot run sharded yet
     warn_from_scratch_settings(cfg, stage_cfgs)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -213,7 +215,9 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
         except BaseException:  # an error or Ctrl-C: wandb's closing lines come before ours, not after
             finish_logger(logger, exit_code=1)
             raise
-        policy = finish_trainable(result.policy, stage_cfg, stage_dir, global_rank() == 0)  # merge LoRA
+        # trainer.strategy=fsdp: every rank gathers the whole weights into a plain model (rlhf/fsdp.py)
+        policy = fsdp.gather_policy(result.policy, lambda: build_model(cfg.model, tokenizer.vocab_size))
+        policy = finish_trainable(policy, stage_cfg, stage_dir, global_rank() == 0)  # merge LoRA
         metrics = dict(result.metrics)
         if global_rank() == 0:
             eval_metrics, samples = evaluate_policy(policy, task, tokenizer, cfg.eval, progress=cfg.trainer.progress_bar)

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
+from rlhf import fsdp
 from rlhf.errors import TrainingError
 
 
@@ -150,16 +151,18 @@ def fit(
     last = ckpt_dir / "last.ckpt"
     accumulate = stage_cfg.accumulate_grad_batches
     per_batch = steps_per_batch(module)
+    sharded = fsdp.is_fsdp(trainer_cfg)  # no checkpoints within a stage yet (rlhf/fsdp.py)
+    checkpoints = [] if sharded else [ResumableCheckpoint(ckpt_dir, trainer_cfg.checkpoint_every)]
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
-        strategy=trainer_cfg.strategy,
+        strategy=fsdp.make_strategy(trainer_cfg) if sharded else trainer_cfg.strategy,
         num_nodes=trainer_cfg.num_nodes,
         precision=trainer_cfg.precision,
         max_steps=stage_cfg.max_steps * per_batch,
         max_epochs=-1,
         logger=logger if logger is not None else False,
-        callbacks=[StepSeed(seed), ResumableCheckpoint(ckpt_dir, trainer_cfg.checkpoint_every), *(callbacks or [])],
+        callbacks=[StepSeed(seed), *checkpoints, *(callbacks or [])],
         enable_checkpointing=False,
         gradient_clip_val=(stage_cfg.grad_clip or None) if module.automatic_optimization else None,
         accumulate_grad_batches=accumulate,
@@ -174,7 +177,7 @@ def fit(
     data = StepBatches(make_batch, stage_cfg.max_steps * accumulate, trainer)
     loader = DataLoader(data, batch_size=None, num_workers=0)
     try:
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() and not sharded else None)
     except SystemExit:
         # Lightning turns Ctrl-C into sys.exit(1) after its shutdown: give the caller the
         # interrupt back, so the CLI can say how to continue
@@ -254,9 +257,20 @@ class NLLModule(L.LightningModule):
         super().__init__()
         self.policy, self.stage_cfg, self.slot = policy, stage_cfg, slot
 
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
+
     def training_step(self, batch, batch_idx):
         tokens, mask = batch
-        loss = bucketed_response_nll(self.policy, tokens, mask)
+        if self.device_mesh is not None:  # sharded: every rank must run as many forward passes (each all-gathers)
+            from rlhf.logprobs import response_nll
+
+            loss = response_nll(self.policy(tokens), tokens, mask)
+        else:
+            loss = bucketed_response_nll(self.policy, tokens, mask)
         check_finite(loss, self.slot, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(mask.sum()), reduce_fx="sum")

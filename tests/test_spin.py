@@ -1,15 +1,23 @@
-"""SPIN: the loss wiring against a hand-computed number, config checks, an end-to-end run."""
+"""SPIN: the loss wiring against a hand-computed number, config checks, a stage with no pair, an end-to-end run."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import TINY
-from rlhf.config import typed_stage_config
-from rlhf.errors import ConfigError
+from rlhf.config import typed_run_config, typed_stage_config
+from rlhf.errors import ConfigError, DataError
+from rlhf.model import build_model
+from rlhf.stage_context import StageContext
+from rlhf.stages import spin
+from rlhf.tasks import build_task
+from rlhf.tasks.builtin import answer
+from rlhf.training import mix_seed
 from rlhf.preference_batch import EncodedPair, collate_pairs
 from rlhf.stages.spin import spin_step_loss
 
@@ -92,3 +100,22 @@ def test_spin_recipe_end_to_end(cli, tmp_path):
     m = json.loads((it2 / "metrics.json").read_text())
     for key in ("eval/task_score", "pairs_total", "identical_total", "round/previous", "round/generated_score", "train/spin_loss", "train/rewards/accuracy"):
         assert key in m, key
+
+
+def test_a_spin_stage_whose_answers_all_equal_the_data_fails_instead_of_completing(tmp_path, monkeypatch):
+    # the opponent writes the real answer every time: no pair, so the stage trains on nothing and
+    # must say so (a DataError naming the cause), not be marked complete with its weights unchanged
+    stage = {"kind": "spin", "max_steps": 2, "steps_per_round": 2, "batch_size": 4, "max_new_tokens": 8, "eval_prompts": 0}
+    cfg = typed_run_config(OmegaConf.create({
+        "order": ["s"], "stages": {"s": stage}, "model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": 64},
+        "task": {"sort_min_len": 3, "sort_max_len": 5, "add_min_digits": 1, "add_max_digits": 2},
+        "logger": {"kind": "none"}, "trainer": {"accelerator": "cpu", "progress_bar": False}, "eval": {"num_prompts": 8},
+    }))
+    task = build_task(cfg.task, tmp_path)
+    torch.manual_seed(0)
+    ctx = StageContext(slot="s", cfg=typed_stage_config("s", cfg.stages.s), run_cfg=cfg, stage_dir=Path(tmp_path), policy=build_model(cfg.model, task.tokenizer.vocab_size),
+                       task=task, tokenizer=task.tokenizer, seed=mix_seed(0, "s"), logger=None, completed={})
+    monkeypatch.setattr(spin, "generate_responses", lambda model, tok, prompts, *a, **k: ([answer(p) for p in prompts], [True] * len(prompts)))
+    with pytest.raises(DataError, match=r"stages.s: no usable pair, nothing was trained: all 8 generations equal the real response"):
+        spin.run(ctx)
+    assert not (tmp_path / "COMPLETE").exists()

@@ -1,0 +1,124 @@
+"""Sharded training: `trainer.strategy=fsdp` (trainer=fsdp_cpu, trainer=fsdp), issue #16, first slice.
+
+The policy is sharded with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) through
+Lightning's `ModelParallelStrategy`: Lightning's own `FSDPStrategy` (FSDP1) refuses a CPU
+accelerator, so it could not be tested here. Every process holds 1/world of each parameter,
+gradient and optimizer state. Each transformer block (its attention and feed-forward layers)
+is one sharding group, all-gathered just before it runs and freed after; the embedding,
+output head and the norms outside the blocks form the root group.
+
+What this slice does NOT do yet, and refuses at config time in one line (`check_config`):
+  - stages other than SFT (they hold a reference, reward model or critic beside the policy,
+    sample with a KV cache, or train their own heads: none of that is sharded yet);
+  - checkpoints within a stage, hence `resume=DIR`: a stage that stops part-way is trained
+    again from its start when the same command is run again (complete stages are skipped);
+  - LoRA (its adapters would have to survive the gather below), and `model.compile`.
+SFT's length buckets (rlhf.training.bucketed_response_nll) are off when sharded: every process
+must run as many forward passes, since each all-gathers the blocks' weights.
+At the end of a stage every process gathers the whole weights once (`gather_policy`) into a
+fresh, unsharded model, so evaluation, `policy.safetensors` and the next stage see exactly what
+they see after a one-process run. The model is built whole on every process before it is
+sharded, so this saves training memory (gradients, optimizer state, activations of gathered
+blocks), not the memory to build the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from rlhf.errors import ConfigError
+
+STRATEGY = "fsdp"
+SUPPORTED_STAGE_KINDS = ("sft",)
+
+
+def is_fsdp(trainer_cfg) -> bool:
+    return str(trainer_cfg.strategy).lower() == STRATEGY
+
+
+def check_config(trainer_cfg, model_cfg, order, stage_cfgs: dict, resuming: bool = False) -> None:
+    """What this slice cannot shard fails before anything trains, in one line."""
+    if not is_fsdp(trainer_cfg):
+        return
+    if str(trainer_cfg.accelerator).lower() not in ("cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.strategy=fsdp needs trainer.accelerator=cpu or gpu, got {trainer_cfg.accelerator!r} (use trainer=fsdp_cpu or trainer=fsdp)")
+    if resuming:
+        raise ConfigError("trainer.strategy=fsdp does not checkpoint within a stage yet, so resume=DIR is not supported: "
+                          "re-run the run's own command with hydra.run.dir=DIR (complete stages are skipped, an unfinished one starts over)")
+    for slot in order:
+        stage = stage_cfgs[slot]
+        if stage.kind not in SUPPORTED_STAGE_KINDS:
+            raise ConfigError(f"stages.{slot}: stage kind {stage.kind!r} cannot run under trainer.strategy=fsdp yet (only {', '.join(SUPPORTED_STAGE_KINDS)}); use trainer=ddp_cpu or trainer=gpu")
+        if stage.lora.enabled:
+            raise ConfigError(f"stages.{slot}.lora: LoRA cannot run under trainer.strategy=fsdp yet; use trainer=ddp_cpu or trainer=gpu")
+    if model_cfg.backend == "xtransformers" and model_cfg.compile:
+        raise ConfigError("model.compile=true cannot run under trainer.strategy=fsdp yet")
+
+
+def make_strategy(trainer_cfg):
+    """Lightning's ModelParallelStrategy with every process on the data-parallel (sharding) axis
+    of its device mesh and no tensor parallelism."""
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    accelerator = CPUAccelerator if str(trainer_cfg.accelerator).lower() == "cpu" else CUDAAccelerator
+    devices = accelerator.parse_devices(trainer_cfg.devices)
+    per_node = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    return ModelParallelStrategy(data_parallel_size=per_node * trainer_cfg.num_nodes, tensor_parallel_size=1)
+
+
+def transformer_blocks(policy: nn.Module) -> list[list[nn.Module]]:
+    """The policy's transformer blocks, each as the modules its forward calls (one sharding group).
+
+    x-transformers: `Decoder.layers` holds one (norms, layer, residual) ModuleList per attention
+    or feed-forward layer; the decoder calls their members, never the ModuleList, so the group
+    is a block's [attention, feed-forward] (its pre-norms stay in the root group).
+    Hugging Face: the modules of the classes the model names in `_no_split_modules` (its
+    decoder layers)."""
+    from x_transformers import TransformerWrapper
+
+    nets = [m for m in policy.modules() if isinstance(m, TransformerWrapper)]
+    if nets:
+        layers = nets[0].attn_layers
+        types, blocks = list(layers.layer_types), []
+        for i, kind in enumerate(types):
+            if kind == "a":
+                blocks.append([])
+            if blocks:
+                blocks[-1].append(layers.layers[i][1])
+        return blocks
+    hf = getattr(policy, "model", None)
+    names = set(getattr(hf, "_no_split_modules", None) or ())
+    blocks = [[m] for m in policy.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(f"trainer.strategy=fsdp: found no transformer blocks to shard in {type(policy).__name__}")
+    return blocks
+
+
+def shard_policy(policy: nn.Module, mesh) -> None:
+    """fully_shard each transformer block, then the policy itself (in place; a no-op the second time)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(policy, FSDPModule):
+        return
+    for block in transformer_blocks(policy):
+        fully_shard(block, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+
+
+def gather_policy(policy: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """A fresh unsharded model (from `build()`) holding the sharded policy's whole weights, on
+    every process (a collective: every rank calls it). Returns `policy` itself if it is not sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(policy, FSDPModule):
+        return policy
+    state: dict[str, Any] = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+    device = next(iter(state.values())).device
+    whole = build().to(device)
+    whole.load_state_dict(state)
+    return whole

@@ -1,0 +1,49 @@
+"""`python -m rlhf run ...` that also writes each optimizer step's loss (the mean over ranks) to
+the JSON file $RLHF_LOSS_CURVE, and whether the policy trained as DTensors (sharded).
+
+A script, not a test: Lightning's launcher re-runs it in the second process (tests/test_fsdp.py)."""
+
+import json
+import os
+import sys
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import rlhf.stage_context
+from rlhf.cli import main
+
+
+class LossCurve(Callback):
+    def __init__(self, path: str):
+        self.path, self.losses, self.sharded = path, [], None
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.tensor import DTensor
+
+        self.sharded = all(isinstance(p, DTensor) for p in pl_module.policy.parameters())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach().clone()
+        if trainer.world_size > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= trainer.world_size
+        self.losses.append(loss.item())
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            with open(self.path, "w") as f:
+                json.dump({"losses": self.losses, "sharded": self.sharded, "world_size": trainer.world_size}, f)
+
+
+_fit = rlhf.stage_context.fit
+
+
+def fit_with_curve(module, make_batch, *, callbacks=None, **kwargs):
+    return _fit(module, make_batch, callbacks=[*(callbacks or []), LossCurve(os.environ["RLHF_LOSS_CURVE"])], **kwargs)
+
+
+rlhf.stage_context.fit = fit_with_curve
+
+if __name__ == "__main__":
+    sys.exit(main())
