@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -26,3 +27,37 @@ def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def cli_in_process(capfd, monkeypatch):
+    """run_cli's interface, but `rlhf.cli.main` runs in this process: the same code from the
+    argument list on, less the ~6 s interpreter and import start of each call. Not for DDP
+    (Lightning's launcher would re-run pytest) or signals. A traceback, which a user would see,
+    is an exception here and fails the test."""
+    import torch
+
+    from rlhf.cli import main
+
+    def call(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+        # a run sets trainer.num_threads and Hydra points the root logger at stdout: both are
+        # per-process settings, put back so that the next call starts as a fresh process would
+        threads, root = torch.get_num_threads(), logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        monkeypatch.setattr(sys, "argv", [sys.argv[0]])  # Hydra reads and rewrites it
+        capfd.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out, err = capfd.readouterr()
+        proc = subprocess.CompletedProcess(["rlhf", *args], code, out, err)
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
+        return proc
+
+    return call

@@ -23,12 +23,12 @@ def test_sft_run_writes_a_complete_stage(cli, tmp_path):
     assert load_file(str(stage / "policy.safetensors"))
 
 
-def test_evaluate_command_repeats_the_stage_evaluation_and_scores_more_prompts(cli, tmp_path):
+def test_evaluate_command_repeats_the_stage_evaluation_and_scores_more_prompts(cli_in_process, tmp_path):
     run = tmp_path / "run"
-    cli("run", "recipe=sft", *TINY, "stages.sft.max_steps=6", "eval.num_prompts=40", "task.num_eval_prompts=40", f"hydra.run.dir={run}")
+    cli_in_process("run", "recipe=sft", *TINY, "stages.sft.max_steps=6", "eval.num_prompts=40", "task.num_eval_prompts=40", f"hydra.run.dir={run}")
     stage = run / "stages" / "00_sft"
     saved = json.loads((stage / "metrics.json").read_text())
-    same, more = (json.loads(cli("evaluate", str(stage), *extra).stdout) for extra in ([], ["--prompts", "90"]))
+    same, more = (json.loads(cli_in_process("evaluate", str(stage), *extra).stdout) for extra in ([], ["--prompts", "90"]))
     assert same["prompts"] == 40 and same["eval/task_score"] == pytest.approx(saved["eval/task_score"])
     assert more["prompts"] == 90
     from rlhf.tasks import TaskConfig
@@ -40,10 +40,10 @@ def test_evaluate_command_repeats_the_stage_evaluation_and_scores_more_prompts(c
     weighted = sum(counts[f] * more[f"eval/task_score/{f}"] for f in counts) / 90
     assert weighted == pytest.approx(more["eval/task_score"])
     # a paired comparison with itself: the baseline's line first, then a zero difference
-    base_line, self_line = (json.loads(line) for line in cli("evaluate", str(stage), "--baseline", str(stage)).stdout.splitlines())
+    base_line, self_line = (json.loads(line) for line in cli_in_process("evaluate", str(stage), "--baseline", str(stage)).stdout.splitlines())
     assert base_line["eval/task_score"] == self_line["eval/task_score"] == same["eval/task_score"]
     assert self_line["vs_baseline"] == {"difference": 0.0, "standard_error": 0.0}
-    proc = cli("evaluate", str(run / "stages"), check=False)
+    proc = cli_in_process("evaluate", str(run / "stages"), check=False)
     assert proc.returncode == 2 and "stages" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -86,28 +86,28 @@ def test_wandb_offline_run_per_stage(cli, tmp_path):
         pytest.param(["recipe=sft", "trainer=gpu"], "trainer.accelerator=gpu: no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
     ],
 )
-def test_bad_input_gives_one_clear_error(cli, tmp_path, args, culprit):
+def test_bad_input_gives_one_clear_error(cli_in_process, tmp_path, args, culprit):
     run = tmp_path / "run"
-    proc = cli("run", *args, *TINY, f"hydra.run.dir={run}", check=False)
+    proc = cli_in_process("run", *args, *TINY, f"hydra.run.dir={run}", check=False)
     assert proc.returncode != 0
     assert culprit in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (run / "stages").exists() or not any((run / "stages").rglob("policy.safetensors"))
 
 
-def test_non_finite_loss_stops_with_a_clear_error(cli, tmp_path):
+def test_non_finite_loss_stops_with_a_clear_error(cli_in_process, tmp_path):
     run = tmp_path / "run"
-    proc = cli("run", "recipe=sft", *TINY, "stages.sft.lr=1e12", "stages.sft.warmup_steps=1", "stages.sft.max_steps=30",
-               f"hydra.run.dir={run}", check=False)
+    proc = cli_in_process("run", "recipe=sft", *TINY, "stages.sft.lr=1e12", "stages.sft.warmup_steps=1", "stages.sft.max_steps=30",
+                          f"hydra.run.dir={run}", check=False)
     assert proc.returncode == 2
     assert "error: stage 'sft': loss is" in proc.stderr
     assert not (run / "stages" / "00_sft" / "COMPLETE").exists()
     # the stage is not complete: resume=DIR may lower its learning rate, and the record says so
-    cli("run", f"resume={run}", "stages.sft.lr=1e-3", "stages.sft.max_steps=2")
+    cli_in_process("run", f"resume={run}", "stages.sft.lr=1e-3", "stages.sft.max_steps=2")
     assert (run / "stages" / "00_sft" / "COMPLETE").exists()
     assert "lr: 0.001" in (run / "config.yaml").read_text()
     # once complete, its settings are fixed
-    proc = cli("run", f"resume={run}", "stages.sft.lr=1e-4", check=False)
+    proc = cli_in_process("run", f"resume={run}", "stages.sft.lr=1e-4", check=False)
     assert proc.returncode == 2 and "stages.sft.lr: 0.001 -> 0.0001" in proc.stderr
 
 
@@ -131,25 +131,25 @@ def test_sft_under_two_process_ddp(cli, tmp_path):
     assert json.loads((stage / "metrics.json").read_text())["eval/task_score"] >= 0
 
 
-def test_a_run_dir_continues_only_with_its_own_settings(cli, tmp_path):
+def test_a_run_dir_continues_only_with_its_own_settings(cli_in_process, tmp_path):
     run = tmp_path / "run"
     command = ["run", "recipe=sft", *TINY, "stages.sft.max_steps=2", "stages.sft.batch_size=8", "task=easy"]
-    cli(*command, f"hydra.run.dir={run}")
+    cli_in_process(*command, f"hydra.run.dir={run}")
     record = (run / "config.yaml").read_text()
     # the same command again (a requeued job): the run is continued, here already complete
-    proc = cli(*command, f"hydra.run.dir={run}")
+    proc = cli_in_process(*command, f"hydra.run.dir={run}")
     assert "stage sft: complete on disk, skipped" in proc.stdout + proc.stderr
     # other settings into the same dir: an error naming the changed key; the record is untouched
-    proc = cli(*command, "stages.sft.max_steps=7", f"hydra.run.dir={run}", check=False)
+    proc = cli_in_process(*command, "stages.sft.max_steps=7", f"hydra.run.dir={run}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "stages.sft.max_steps: 2 -> 7" in proc.stderr.strip().splitlines()[-1]
     assert (run / "config.yaml").read_text() == record
     # resume=DIR with the command the run was started with (config groups and all) is accepted
-    cli("run", f"resume={run}", *command[1:])
-    proc = cli("run", f"resume={run}", *command[1:], "model=small", check=False)
+    cli_in_process("run", f"resume={run}", *command[1:])
+    proc = cli_in_process("run", f"resume={run}", *command[1:], "model=small", check=False)
     assert proc.returncode == 2 and "model." in proc.stderr and "Traceback" not in proc.stderr
     # environment settings may differ
-    cli("run", f"resume={run}", "trainer.num_threads=2")
+    cli_in_process("run", f"resume={run}", "trainer.num_threads=2")
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):

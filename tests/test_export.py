@@ -150,8 +150,8 @@ def test_export_refuses_bad_input_and_never_leaves_half_a_folder(tmp_path, monke
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".crashed")]  # no temp folder left behind
 
 
-def test_cli_export_of_a_missing_stage_is_one_line_error(cli, tmp_path):
-    proc = cli("export", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), check=False)
+def test_cli_export_of_a_missing_stage_is_one_line_error(cli_in_process, tmp_path):
+    proc = cli_in_process("export", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and "nope" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -98,7 +98,7 @@ def test_micro_batches_add_up_to_the_minibatch(tmp_path, loss_type):
     for key in ("train/loss", "rollout/entropy", "rollout/logprob_mismatch"):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     for (name, p), q in zip(whole.policy.named_parameters(), split.policy.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=0, atol=0.05 * stage["lr"], msg=name)  # 5% of one Adam step
 
 
 def test_one_update_per_rollout_by_default(tmp_path):

@@ -247,10 +247,10 @@ def test_lora_default_targets_map_to_hf_layer_names(checkpoints, arch, expected)
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_cli_nonexistent_path_is_one_line_error(cli, tmp_path):
+def test_cli_nonexistent_path_is_one_line_error(cli_in_process, tmp_path):
     run = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("model=")]
-    proc = cli("run", "recipe=sft", "model=hf", "model.path=/nonexistent/hf_checkpoint", *args, f"hydra.run.dir={run}", check=False)
+    proc = cli_in_process("run", "recipe=sft", "model=hf", "model.path=/nonexistent/hf_checkpoint", *args, f"hydra.run.dir={run}", check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -130,8 +130,8 @@ def test_template_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_regex_fails_the_command_before_any_stage(cli, tmp_path):
-    proc = cli("run", "recipe=self_reward", "model=tiny", "logger=none", "stages.dpo_iter2.judge.score_regex=score", f"hydra.run.dir={tmp_path}", check=False)
+def test_bad_regex_fails_the_command_before_any_stage(cli_in_process, tmp_path):
+    proc = cli_in_process("run", "recipe=self_reward", "model=tiny", "logger=none", "stages.dpo_iter2.judge.score_regex=score", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2
     assert "capture groups" in proc.stderr
     assert not (tmp_path / "stages").exists()

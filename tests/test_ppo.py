@@ -196,8 +196,10 @@ def test_micro_batches_add_up_to_the_minibatch(tmp_path):
     a, b = history(whole)[0], history(split)[0]
     for key in ("train/policy_loss", "train/value_loss", "rollout/entropy", "train/clip_fraction"):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    # AdamW's first step is about lr * sign(grad): a gradient entry near zero turns the summation
+    # order's rounding into up to ~1% of lr (1.05e-6 at lr 1e-4 on an AVX-512 CPU); 5% is the bound
     for (name, p), q in zip(whole.policy.named_parameters(), split.policy.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=0, atol=0.05 * stage["lr"], msg=name)
 
 
 def test_bad_settings_fail_before_training(tmp_path):

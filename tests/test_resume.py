@@ -66,6 +66,6 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, uninterrupted, kill_poi
         assert "stage pretrain: complete on disk, skipped" in proc.stderr + proc.stdout
 
 
-def test_resume_rejects_slot_changes(tmp_path):
-    proc = run_cli("run", f"resume={tmp_path}", "+stage@stages.x=sft", check=False)
+def test_resume_rejects_slot_changes(cli_in_process, tmp_path):
+    proc = cli_in_process("run", f"resume={tmp_path}", "+stage@stages.x=sft", check=False)
     assert proc.returncode == 2 and "resume" in proc.stderr

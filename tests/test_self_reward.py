@@ -243,8 +243,8 @@ def test_no_pair_cause_blames_the_judge_with_a_raw_judgement_or_the_ties():
 
 
 @pytest.mark.slow
-def test_a_stage_whose_judge_never_parses_fails_and_is_not_complete(cli, tmp_path):
-    proc = cli(
+def test_a_stage_whose_judge_never_parses_fails_and_is_not_complete(cli_in_process, tmp_path):
+    proc = cli_in_process(
         "run", "recipe=self_reward", "task=easy", *TINY, "order=[sft,dpo_iter1]", "stages.sft.max_steps=2",
         *[f"stages.dpo_iter1.{key}" for key in SMALL_ITER if not key.startswith("judge.score_regex")],
         "stages.dpo_iter1.judge.score_regex='(Z{9})'", "stages.dpo_iter1.max_steps=2", f"hydra.run.dir={tmp_path}", check=False,
