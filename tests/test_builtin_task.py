@@ -9,6 +9,7 @@ from rlhf.tasks.builtin import (
     BuiltinTask,
     answer,
     arrange_letters,
+    careless_answer,
     arrangement,
     judge_label,
     judge_verdict,
@@ -257,3 +258,29 @@ def test_arrange_near_misses_include_the_slips_the_policy_writes():
         elif any(abs(ord(a) - ord(b)) == 1 for a, b in zip(near, near[1:])):
             neighbours += 1
     assert neighbours >= 75 and letters >= 75, (neighbours, letters)  # 107 and 171 with seed 0; 1/3 are neighbour slips
+
+
+def test_careless_demonstrators_skip_carries_and_sort_backwards():
+    assert careless_answer("add: 48+57\n") == "95"  # 8+7 = 15 writes 5 and carries nothing; 4+5 = 9
+    assert careless_answer("add: 999+1\n") == "990"
+    assert careless_answer("add: 5+5\n") == "0"
+    assert careless_answer("add: 123+456\n") == "579" == answer("add: 123+456\n")  # no carry: right
+    assert careless_answer("sort: abca\n") == "cbaa"
+    assert careless_answer("arrange: ABCD\n") == answer("arrange: ABCD\n")  # other families: right
+
+
+def test_careless_demonstration_rate_sets_the_sft_data_and_the_pairs():
+    draw = lambda rate, n=400: [BuiltinTask(TaskConfig(careless_demo_rate=rate)).sft_example(random.Random(i)) for i in range(n)]
+    # rate 0 draws nothing extra: the same prompts as ever, every answer right
+    assert all(ex.response == answer(ex.prompt) for ex in draw(0.0))
+    assert [ex.prompt for ex in draw(0.0)] == [BuiltinTask(TaskConfig()).sft_example(random.Random(i)).prompt for i in range(400)]
+    assert all(ex.response == careless_answer(ex.prompt) for ex in draw(1.0))
+    half = [ex.response == careless_answer(ex.prompt) != answer(ex.prompt) for ex in draw(0.5)]
+    assert 0.4 < sum(half) / len(half) < 0.6
+    task = BuiltinTask(TaskConfig(careless_demo_rate=0.5))
+    pairs = [task.preference_pair(random.Random(i)) for i in range(100)]
+    assert all(p.chosen == answer(p.prompt) for p in pairs)
+    assert all(p.rejected == careless_answer(p.prompt) for p in pairs if careless_answer(p.prompt) != p.chosen)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="careless_demo_rate"):
+            BuiltinTask(TaskConfig(careless_demo_rate=bad))

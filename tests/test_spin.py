@@ -102,20 +102,49 @@ def test_spin_recipe_end_to_end(cli, tmp_path):
         assert key in m, key
 
 
+def small_spin_context(tmp_path, task: dict, **stage) -> StageContext:
+    stage = {"kind": "spin", "max_steps": 2, "steps_per_round": 2, "batch_size": 4, "max_new_tokens": 8, "eval_prompts": 0, **stage}
+    cfg = typed_run_config(OmegaConf.create({
+        "order": ["s"], "stages": {"s": stage}, "model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": 64}, "task": task,
+        "logger": {"kind": "none"}, "trainer": {"accelerator": "cpu", "progress_bar": False}, "eval": {"num_prompts": 8},
+    }))
+    built = build_task(cfg.task, tmp_path)
+    torch.manual_seed(0)
+    return StageContext(slot="s", cfg=typed_stage_config("s", cfg.stages.s), run_cfg=cfg, stage_dir=Path(tmp_path), policy=build_model(cfg.model, built.tokenizer.vocab_size),
+                        task=built, tokenizer=built.tokenizer, seed=mix_seed(0, "s"), logger=None, completed={})
+
+
 def test_a_spin_stage_whose_answers_all_equal_the_data_fails_instead_of_completing(tmp_path, monkeypatch):
     # the opponent writes the real answer every time: no pair, so the stage trains on nothing and
     # must say so (a DataError naming the cause), not be marked complete with its weights unchanged
-    stage = {"kind": "spin", "max_steps": 2, "steps_per_round": 2, "batch_size": 4, "max_new_tokens": 8, "eval_prompts": 0}
-    cfg = typed_run_config(OmegaConf.create({
-        "order": ["s"], "stages": {"s": stage}, "model": {"dim": 32, "depth": 2, "heads": 2, "max_seq_len": 64},
-        "task": {"sort_min_len": 3, "sort_max_len": 5, "add_min_digits": 1, "add_max_digits": 2},
-        "logger": {"kind": "none"}, "trainer": {"accelerator": "cpu", "progress_bar": False}, "eval": {"num_prompts": 8},
-    }))
-    task = build_task(cfg.task, tmp_path)
-    torch.manual_seed(0)
-    ctx = StageContext(slot="s", cfg=typed_stage_config("s", cfg.stages.s), run_cfg=cfg, stage_dir=Path(tmp_path), policy=build_model(cfg.model, task.tokenizer.vocab_size),
-                       task=task, tokenizer=task.tokenizer, seed=mix_seed(0, "s"), logger=None, completed={})
+    ctx = small_spin_context(tmp_path, {"sort_min_len": 3, "sort_max_len": 5, "add_min_digits": 1, "add_max_digits": 2})
     monkeypatch.setattr(spin, "generate_responses", lambda model, tok, prompts, *a, **k: ([answer(p) for p in prompts], [True] * len(prompts)))
     with pytest.raises(DataError, match=r"stages.s: no usable pair, nothing was trained: all 8 generations equal the real response"):
         spin.run(ctx)
     assert not (tmp_path / "COMPLETE").exists()
+
+
+def test_drop_verified_drops_other_right_answers_and_keeps_wrong_ones(tmp_path, monkeypatch):
+    # arrange has many right orderings, the data one: a reversed right ordering is right too (the
+    # neighbour rule is symmetric); alphabetical order puts neighbours side by side and is wrong
+    arrange = {"families": ["arrange"], "arrange_min_len": 4, "arrange_max_len": 5}
+    write = lambda model, tok, prompts, *a, **k: ([answer(p)[::-1] if i % 2 == 0 else "".join(sorted(answer(p))) for i, p in enumerate(prompts)], [True] * len(prompts))
+    monkeypatch.setattr(spin, "generate_responses", write)
+    for drop in (False, True):
+        ctx = small_spin_context(tmp_path / str(drop), arrange, drop_verified=drop)
+        result = spin.run(ctx)
+        rows = [json.loads(line) for line in (tmp_path / str(drop) / "generations.jsonl").read_text().splitlines()]
+        assert len(rows) == 8
+        right = [row for row in rows if row["score"] == 1.0]
+        assert len(right) == 4 and all(row["generated"] != row["real"] for row in right)
+        assert {row["status"] for row in right} == {"verified" if drop else "pair"}
+        assert {row["status"] for row in rows if row["score"] < 1.0} == {"pair"}
+        assert result.metrics["pairs_total"] == (4 if drop else 8)
+    # every answer right: nothing to train on, said as for identical answers
+    monkeypatch.setattr(spin, "generate_responses", lambda model, tok, prompts, *a, **k: ([answer(p)[::-1] for p in prompts], [True] * len(prompts)))
+    with pytest.raises(DataError, match="with drop_verified, score 1.0"):
+        spin.run(small_spin_context(tmp_path / "all", arrange, drop_verified=True))
+    with pytest.raises(ConfigError, match="drop_verified=true needs a task with a verifier"):
+        ctx = small_spin_context(tmp_path / "text", arrange, drop_verified=True)
+        monkeypatch.setattr(ctx.task, "score", lambda prompt, response: None)
+        spin.run(ctx)

@@ -8,7 +8,9 @@ optimizer steps are split into rounds of `steps_per_round` steps; at the first s
   2. the opponent answers each prompt (temperature 1: its own distribution; KV cache); an
      answer cut off at `max_new_tokens` is unfinished and is trained without an EOS;
   3. an answer identical to the real response teaches nothing (the loss's gradient is zero)
-     and is dropped and counted;
+     and is dropped and counted; with `drop_verified` so is an answer the task's verifier
+     scores 1.0 (not in the paper: where a prompt has many right answers, as arrange does,
+     the data holds one, and SPIN would teach the model to unlearn the others);
   4. the opponent's log-probs of real and generated responses are computed once;
   5. with `mix_previous`, as many rows again come from the previous SPIN iteration's
      generations (slot `previous_slot`), rescored by this stage's opponent;
@@ -79,6 +81,7 @@ class Config(StageConfig):
     max_new_tokens: int = 24
     generation_batch_size: int = 256
     data: Optional[Any] = None  # JSONL {prompt, response}; None uses the built-in task
+    drop_verified: bool = False  # drop generations the task's verifier scores 1.0, like identical ones
     mix_previous: bool = False  # also train on the previous SPIN iteration's generations
     previous_slot: Optional[str] = None  # that iteration's slot
     eval_prompts: int = 64  # held-out prompts evaluated at the start of every round; 0: off
@@ -162,6 +165,7 @@ class SpinModule(L.LightningModule):
             "round/examples": float(len(new)),
             "round/pairs": float(len(used)),
             "round/identical": float(sum(row["status"] == "identical" for row in rows)),
+            "round/verified": float(sum(row["status"] == "verified" for row in rows)),
             "round/truncated": float(sum(not row.get("generated_finished", True) for row in new)),
             "round/previous": float(len(rows) - len(new)),
             "round/mean_response_length": sum(len(row["generated"]) for row in new) / max(1, len(new)),
@@ -194,7 +198,12 @@ class SpinModule(L.LightningModule):
                 old = self.previous[(r * len(examples) + i) % n]
                 rows.append({"index": len(examples) + i, "round": r, "source": "previous", "prompt": old["prompt"], "real": old["real"], "generated": old["generated"], "generated_finished": old.get("generated_finished", True)})
         for row in rows:
-            row["status"] = "identical" if row["generated"] == row["real"] and row["generated_finished"] else "pair"
+            if row["generated"] == row["real"] and row["generated_finished"]:
+                row["status"] = "identical"
+            elif cfg.drop_verified and row["generated_finished"] and self.ctx.task.score(row["prompt"], row["generated"]) == 1.0:
+                row["status"] = "verified"  # another right answer: as good as the real one
+            else:
+                row["status"] = "pair"
         attach_reference(rows, self.opponent, tok, self.ctx.policy.max_seq_len, 4 * cfg.batch_size, self.device, chosen="real", rejected="generated")
         return gather_rows(rows, world)
 
@@ -223,6 +232,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     if cfg.data is None and not hasattr(ctx.task, "sft_example"):
         raise ConfigError(f"stages.{ctx.slot}: set `data` (this task makes no SFT examples)")
+    if cfg.drop_verified and ctx.task.score(ctx.task.eval_prompts()[0], "") is None:
+        raise ConfigError(f"stages.{ctx.slot}.drop_verified=true needs a task with a verifier (task.name={ctx.run_cfg.task.name!r} has none)")
     previous = load_previous(ctx)
     opponent = starting_reference(ctx)  # the stage's starting weights, frozen (LoRA-aware)
     module = SpinModule(ctx, opponent, previous)
@@ -230,10 +241,11 @@ def run(ctx: StageContext) -> StageResult:
     metrics = module.final_metrics()
     rows = all_round_rows(ctx.stage_dir)  # every rank: all of them raise, none waits for the others
     if not any(row["status"] == "pair" for row in rows):  # the stage trained on nothing: never mark it complete
-        raise DataError(f"stages.{ctx.slot}: no usable pair, nothing was trained: all {len(rows)} generations equal the real response (the model already reproduces the data)")
+        raise DataError(f"stages.{ctx.slot}: no usable pair, nothing was trained: all {len(rows)} generations equal the real response or, with drop_verified, score 1.0 (the model already reproduces the data)")
     if ctx.is_global_zero:
         checkpoint.write_jsonl(Path(ctx.stage_dir) / "generations.jsonl", rows)
         new = [row for row in rows if row["source"] == "new"]
         metrics["pairs_total"] = float(sum(row["status"] == "pair" for row in rows))
         metrics["identical_total"] = float(sum(row["status"] == "identical" for row in new))
+        metrics["verified_total"] = float(sum(row["status"] == "verified" for row in new))
     return StageResult(ctx.policy, metrics)

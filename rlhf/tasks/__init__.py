@@ -38,6 +38,10 @@ class TaskConfig:
     # climb: n letters from a start to a goal, each step 1 to 3 places along a..zA..Z
     climb_min_len: int = 5
     climb_max_len: int = 12
+    # the share of SFT demonstrations written by a careless demonstrator (`careless_answer`:
+    # add without carrying, sort in reverse order); preference pairs then set
+    # the right answer against the careless one. 0: every demonstration is right
+    careless_demo_rate: float = 0.0
     num_eval_prompts: int = 200
     # the task's own seed: fixes the held-out prompts whatever the run's seed
     seed: int = 20240601

@@ -232,6 +232,22 @@ def answer(prompt: str) -> str:
     return str(int(m.group(4)) + int(m.group(5)))
 
 
+def careless_answer(prompt: str) -> str:
+    """What a careless demonstrator writes (`task.careless_demo_rate`): for add the digit sums
+    without carrying (`48+57` -> `95`), for sort the letters in reverse order (`bca` -> `cba`:
+    the same letters and length as the right answer, so length alone tells the two apart in
+    no pair); for the other families, and where no carry occurs, the right answer."""
+    m = _PROMPT.match(prompt)
+    if m is None:
+        return answer(prompt)
+    if m.group(1) == "sort":
+        return "".join(sorted(m.group(2), reverse=True))
+    a, b = m.group(4), m.group(5)
+    width = max(len(a), len(b))
+    digits = [(int(x) + int(y)) % 10 for x, y in zip(a.zfill(width), b.zfill(width))]
+    return str(int("".join(map(str, digits))))
+
+
 def score(prompt: str, response: str) -> float:
     """Verifier in [0, 1]: 1.0 if exact; for sort and add otherwise the positional overlap with
     the answer (right-aligned for numbers) over the longer of the two; for path `path_score`,
@@ -265,6 +281,8 @@ class BuiltinTask:
             raise ConfigError(f"task.families={list(cfg.families)} must be a non-empty subset of {list(FAMILIES)}")
         if "climb" in cfg.families and not 3 <= cfg.climb_min_len <= cfg.climb_max_len <= MAX_CLIMB_LEN:
             raise ConfigError(f"task.climb_min_len={cfg.climb_min_len}, climb_max_len={cfg.climb_max_len}: need 3 <= min <= max <= {MAX_CLIMB_LEN}")
+        if not 0.0 <= cfg.careless_demo_rate <= 1.0:  # NaN fails too
+            raise ConfigError(f"task.careless_demo_rate={cfg.careless_demo_rate} must be in [0, 1]")
         self.cfg = cfg
         self.tokenizer = CharTokenizer(ALPHABET)
         self._eval = self._make_eval_prompts()
@@ -348,7 +366,12 @@ class BuiltinTask:
 
     # -- data for each kind of stage ---------------------------------------------------------
     def sft_example(self, rng: random.Random) -> SFTExample:
+        """A demonstration: the right answer, or with probability task.careless_demo_rate the
+        careless one (`careless_answer`)."""
         prompt = self.train_prompt(rng)
+        # no draw at rate 0: the default data stream stays what it was
+        if self.cfg.careless_demo_rate > 0 and rng.random() < self.cfg.careless_demo_rate:
+            return SFTExample(prompt, careless_answer(prompt))
         return SFTExample(prompt, answer(prompt))
 
     def raw_text(self, rng: random.Random, num_examples: int = 8) -> str:
@@ -417,9 +440,12 @@ class BuiltinTask:
 
     def preference_pair(self, rng: random.Random) -> PreferencePair:
         """Offline preference data: the correct answer over a near miss (one the verifier scores
-        below 1: in arrange a swap can give another right ordering)."""
+        below 1: in arrange a swap can give another right ordering); with careless
+        demonstrators (task.careless_demo_rate > 0) over the careless answer where it differs."""
         prompt = self.train_prompt(rng)
         chosen = answer(prompt)
+        if self.cfg.careless_demo_rate > 0 and (careless := careless_answer(prompt)) != chosen:
+            return PreferencePair(prompt, chosen, careless)
         rejected = self.corrupt(prompt, chosen, rng)
         while score(prompt, rejected) == 1.0:
             rejected = self.corrupt(prompt, chosen, rng)
