@@ -1,4 +1,4 @@
-"""Sharded training: `trainer.strategy=fsdp` (trainer=fsdp_cpu, trainer=fsdp), issue #16, first slice.
+"""Sharded training: `trainer.strategy=fsdp` (trainer=fsdp_cpu, trainer=fsdp), issue #16, first slices.
 
 The policy is sharded with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) through
 Lightning's `ModelParallelStrategy`: Lightning's own `FSDPStrategy` (FSDP1) refuses a CPU
@@ -7,9 +7,14 @@ gradient and optimizer state. Each transformer block (its attention and feed-for
 is one sharding group, all-gathered just before it runs and freed after; the embedding,
 output head and the norms outside the blocks form the root group.
 
+Pretraining, SFT and offline DPO run sharded. DPO's frozen reference is not sharded: with
+`precompute_reference` (the default) each process runs it whole once over its own pairs before
+the first step and frees it; DPO's held-out evaluations during the stage are skipped (they
+sample on rank 0 alone, and a sharded policy needs every rank), the end-of-stage one runs.
+
 What this slice does NOT do yet, and refuses at config time in one line (`check_config`):
-  - stages other than SFT (they hold a reference, reward model or critic beside the policy,
-    sample with a KV cache, or train their own heads: none of that is sharded yet);
+  - the other stages (they hold a reward model or critic beside the policy, sample with a KV
+    cache, or train their own heads: none of that is sharded yet);
   - checkpoints within a stage, hence `resume=DIR`: a stage that stops part-way is trained
     again from its start when the same command is run again (complete stages are skipped);
   - LoRA (its adapters would have to survive the gather below), and `model.compile`.
@@ -32,7 +37,7 @@ from torch import nn
 from rlhf.errors import ConfigError
 
 STRATEGY = "fsdp"
-SUPPORTED_STAGE_KINDS = ("sft",)
+SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo")
 
 
 def is_fsdp(trainer_cfg) -> bool:
@@ -107,6 +112,10 @@ def shard_policy(policy: nn.Module, mesh) -> None:
     for block in transformer_blocks(policy):
         fully_shard(block, mesh=mesh)
     fully_shard(policy, mesh=mesh)
+    if hasattr(policy, "forward_packed"):  # DPO's shared-prompt rows: gather the root group for it too, as for forward
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(policy, "forward_packed")
 
 
 def gather_policy(policy: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:

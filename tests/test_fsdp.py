@@ -1,5 +1,5 @@
-"""trainer=fsdp_cpu / fsdp (issue #16, first slice): SFT with the policy sharded per transformer
-block (FSDP2 through Lightning's ModelParallelStrategy) follows the one-process loss curve; what
+"""trainer=fsdp_cpu / fsdp (issue #16, first slices): SFT, pretraining and DPO, the policy sharded per transformer
+block (FSDP2 through Lightning's ModelParallelStrategy) follow the one-process loss curve; what
 cannot run sharded yet fails at config time in one line."""
 
 import json
@@ -30,7 +30,7 @@ def test_blocks_are_a_layers_attention_and_feed_forward():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["recipe=dpo"], "stages.dpo: stage kind 'dpo' cannot run under trainer.strategy=fsdp yet"),
+        (["recipe=grpo"], "stages.grpo: stage kind 'grpo' cannot run under trainer.strategy=fsdp yet"),
         (["recipe=sft", "stages.sft.lora.enabled=true"], "stages.sft.lora: LoRA cannot run under trainer.strategy=fsdp yet"),
         (["recipe=sft", "trainer.accelerator=auto"], "trainer.strategy=fsdp needs trainer.accelerator=cpu or gpu"),
     ],
@@ -55,11 +55,12 @@ def test_fsdp_without_a_gpu_names_the_cpu_config(tmp_path):
         run_recipe(compose(["recipe=sft", *TINY, "trainer=fsdp"]), tmp_path)
 
 
-def _sft_with_loss_curve(run_dir, trainer: str) -> tuple[dict, str]:
+def _run_with_loss_curve(run_dir, trainer: str, recipe: tuple[str, ...] = ("recipe=sft", "stages.sft.max_steps=5")) -> tuple[dict, str]:
+    """The loss curve of the recipe's last stage (the script writes each stage's over the last)."""
     # every response is 8 sorted letters: each process's half of a batch holds as many response
     # tokens as the other, so the mean of the two halves' losses is the whole batch's loss
-    args = ["recipe=sft", *TINY, f"trainer={trainer}", "task.families=[sort]", "task.sort_min_len=8", "task.sort_max_len=8",
-            "stages.sft.max_steps=5", "stages.sft.batch_size=8", "stages.sft.warmup_steps=1", f"hydra.run.dir={run_dir}"]
+    args = [*recipe, *TINY, f"trainer={trainer}", "task.families=[sort]", "task.sort_min_len=8", "task.sort_max_len=8",
+            "stages.sft.batch_size=8", "stages.sft.warmup_steps=1", f"hydra.run.dir={run_dir}"]
     curve = run_dir.parent / f"{run_dir.name}.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_LOSS_CURVE": str(curve)}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "fsdp_loss_curve.py"), "run", *args],
@@ -70,8 +71,8 @@ def _sft_with_loss_curve(run_dir, trainer: str) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_sft_under_fsdp_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
-    one, _ = _sft_with_loss_curve(tmp_path / "one", "default")
-    two, output = _sft_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu")
+    one, _ = _run_with_loss_curve(tmp_path / "one", "default")
+    two, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu")
     assert "GLOBAL_RANK: 1" in output and two["world_size"] == 2 and one["world_size"] == 1
     assert two["sharded"] and not one["sharded"]  # the policy trained as DTensors
     assert len(one["losses"]) == 5
@@ -82,5 +83,25 @@ def test_sft_under_fsdp_on_two_processes_follows_the_one_process_loss_curve(tmp_
     assert not list((tmp_path / "fsdp").rglob("*.tmp"))
     sharded, whole = (load_policy(stage)[0].state_dict() for stage in (fsdp_stage, one_stage))
     assert sharded.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_pretrain_sft_and_dpo_under_fsdp_follow_the_one_process_run(tmp_path):
+    # DPO's policy sharded, its reference precomputed whole on each process over that process's
+    # pairs, the shared-prompt rows through forward_packed; a held-out evaluation due during the
+    # stage (eval_every=2) is skipped when sharded instead of leaving rank 1 waiting
+    recipe = ("recipe=dpo", "+stage@stages.pretrain=pretrain", "order=[pretrain,sft,dpo]", "stages.pretrain.max_steps=2",
+              "stages.sft.max_steps=2", "stages.dpo.max_steps=4", "stages.dpo.batch_size=8", "stages.dpo.warmup_steps=1",
+              "stages.dpo.eval_every=2")
+    one, _ = _run_with_loss_curve(tmp_path / "one", "default", recipe)
+    two, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", recipe)
+    assert "GLOBAL_RANK: 1" in output and two["world_size"] == 2 and two["sharded"]
+    assert len(one["losses"]) == 4
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    fsdp_stage, one_stage = (tmp_path / run / "stages" / "02_dpo" for run in ("fsdp", "one"))
+    assert (fsdp_stage / "COMPLETE").exists() and not (fsdp_stage / "eval_during.jsonl").exists()
+    sharded, whole = (load_policy(stage)[0].state_dict() for stage in (fsdp_stage, one_stage))
     for key in whole:
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)

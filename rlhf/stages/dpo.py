@@ -133,6 +133,12 @@ class DPOModule(L.LightningModule):
         self.precompute_seconds = 0.0
         self._evaluated_at = -1
 
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
+
     def on_train_start(self):
         if self.reference is None:
             return
@@ -177,6 +183,8 @@ class DPOModule(L.LightningModule):
         step = self.global_step
         # the orchestrator evaluates after the last step
         if not self.cfg.eval_every or step % self.cfg.eval_every or step in (self._evaluated_at, self.cfg.max_steps):
+            return
+        if self.device_mesh is not None:  # sharded: rank 0 cannot sample alone (rlhf/fsdp.py)
             return
         self._evaluated_at = step
         if self.trainer.is_global_zero:

@@ -5,7 +5,7 @@ One stage is one iteration. The opponent is the stage's starting weights, frozen
 optimizer steps are split into rounds of `steps_per_round` steps; at the first step of round r:
   1. `batch_size * steps_per_round` SFT examples: the built-in task's `sft_example(rng)`
      seeded by (seed, r), or rows of `data` (JSONL {prompt, response}) in a seeded order;
-  2. the opponent answers each prompt (temperature 1: its own distribution; KV cache); an
+  2. the opponent answers each prompt (`temperature`, 1 by default: its own distribution); an
      answer cut off at `max_new_tokens` is unfinished and is trained without an EOS;
   3. an answer identical to the real response teaches nothing (the loss's gradient is zero)
      and is dropped and counted; with `drop_verified` so is an answer the task's verifier

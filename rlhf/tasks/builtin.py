@@ -235,8 +235,8 @@ def answer(prompt: str) -> str:
 def careless_answer(prompt: str) -> str:
     """What a careless demonstrator writes (`task.careless_demo_rate`): for add the digit sums
     without carrying (`48+57` -> `95`), for sort the letters in reverse order (`bca` -> `cba`:
-    the same letters and length as the right answer, so length alone tells the two apart in
-    no pair); for the other families, and where no carry occurs, the right answer."""
+    the right answer's letters and length, so no pair can be told apart by length); for the
+    other families, and where no carry occurs, the right answer."""
     m = _PROMPT.match(prompt)
     if m is None:
         return answer(prompt)
