@@ -7,14 +7,17 @@ gradient and optimizer state. Each transformer block (its attention and feed-for
 is one sharding group, all-gathered just before it runs and freed after; the embedding,
 output head and the norms outside the blocks form the root group.
 
-Pretraining, SFT and offline DPO run sharded. DPO's frozen reference is not sharded: with
+Pretraining, SFT, the reward model (its trunk's blocks; the rest, with its head, in the root
+group; gathered whole at the end like a policy) and offline DPO run sharded. Every process
+starts from rank 0's weights, broadcast before sharding as DDP does (a fresh reward head is
+drawn from each process's own random state). DPO's frozen reference is not sharded: with
 `precompute_reference` (the default) each process runs it whole once over its own pairs before
 the first step and frees it; DPO's held-out evaluations during the stage are skipped (they
 sample on rank 0 alone, and a sharded policy needs every rank), the end-of-stage one runs.
 
 What this slice does NOT do yet, and refuses at config time in one line (`check_config`):
-  - the other stages (they hold a reward model or critic beside the policy, sample with a KV
-    cache, or train their own heads: none of that is sharded yet);
+  - the other stages (they hold a reward model or critic beside the policy or sample with a
+    KV cache during training: none of that is sharded yet);
   - checkpoints within a stage, hence `resume=DIR`: a stage that stops part-way is trained
     again from its start when the same command is run again (complete stages are skipped);
   - LoRA (its adapters would have to survive the gather below), and `model.compile`.
@@ -37,7 +40,7 @@ from torch import nn
 from rlhf.errors import ConfigError
 
 STRATEGY = "fsdp"
-SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo")
+SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo", "reward_model")
 
 
 def is_fsdp(trainer_cfg) -> bool:
@@ -95,8 +98,8 @@ def transformer_blocks(policy: nn.Module) -> list[list[nn.Module]]:
             if blocks:
                 blocks[-1].append(layers.layers[i][1])
         return blocks
-    hf = getattr(policy, "model", None)
-    names = set(getattr(hf, "_no_split_modules", None) or ())
+    # the Hugging Face model's own `_no_split_modules` (on the policy, or on a reward model's trunk)
+    names = next((set(m._no_split_modules) for m in policy.modules() if getattr(m, "_no_split_modules", None)), set())
     blocks = [[m] for m in policy.modules() if type(m).__name__ in names]
     if not blocks:
         raise ConfigError(f"trainer.strategy=fsdp: found no transformer blocks to shard in {type(policy).__name__}")
@@ -109,13 +112,21 @@ def shard_policy(policy: nn.Module, mesh) -> None:
 
     if isinstance(policy, FSDPModule):
         return
+    # every rank starts from rank 0's weights, as DDP does: a freshly initialised part (a reward
+    # head) is drawn from each process's own random state, and fully_shard does not broadcast
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for tensor in policy.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0, group=mesh.get_group())
     for block in transformer_blocks(policy):
         fully_shard(block, mesh=mesh)
     fully_shard(policy, mesh=mesh)
-    if hasattr(policy, "forward_packed"):  # DPO's shared-prompt rows: gather the root group for it too, as for forward
-        from torch.distributed.fsdp import register_fsdp_forward_method
+    from torch.distributed.fsdp import register_fsdp_forward_method
 
-        register_fsdp_forward_method(policy, "forward_packed")
+    # entry points other than forward gather the root group too: DPO's shared-prompt rows, a
+    # reward model's head logits (rating bins)
+    for method in ("forward_packed", "logits"):
+        if hasattr(policy, method):
+            register_fsdp_forward_method(policy, method)
 
 
 def gather_policy(policy: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
@@ -128,6 +139,7 @@ def gather_policy(policy: nn.Module, build: Callable[[], nn.Module]) -> nn.Modul
         return policy
     state: dict[str, Any] = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
     device = next(iter(state.values())).device
-    whole = build().to(device)
+    with torch.random.fork_rng(devices=[]):  # the fresh model's initial draws must not move the run's random state
+        whole = build().to(device)
     whole.load_state_dict(state)
     return whole

@@ -1,5 +1,6 @@
 """`python -m rlhf run ...` that also writes each optimizer step's loss (the mean over ranks) to
-the JSON file $RLHF_LOSS_CURVE, and whether the policy trained as DTensors (sharded).
+the JSON file $RLHF_LOSS_CURVE, every stage's in order, and whether the last stage's policy (or
+reward model) trained as DTensors (sharded).
 
 A script, not a test: Lightning's launcher re-runs it in the second process (tests/test_fsdp.py)."""
 
@@ -21,7 +22,8 @@ class LossCurve(Callback):
     def on_train_start(self, trainer, pl_module):
         from torch.distributed.tensor import DTensor
 
-        self.sharded = all(isinstance(p, DTensor) for p in pl_module.policy.parameters())
+        trained = pl_module.model if hasattr(pl_module, "model") else pl_module.policy  # a reward model, or the policy
+        self.sharded = all(isinstance(p, DTensor) for p in trained.parameters())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].detach().clone()
@@ -31,9 +33,10 @@ class LossCurve(Callback):
         self.losses.append(loss.item())
 
     def on_train_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # "losses": this stage's; "stages": every stage's so far, in order
+            earlier = json.load(open(self.path))["stages"] if os.path.exists(self.path) else []
             with open(self.path, "w") as f:
-                json.dump({"losses": self.losses, "sharded": self.sharded, "world_size": trainer.world_size}, f)
+                json.dump({"losses": self.losses, "stages": [*earlier, self.losses], "sharded": self.sharded, "world_size": trainer.world_size}, f)
 
 
 _fit = rlhf.stage_context.fit

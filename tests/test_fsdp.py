@@ -1,4 +1,4 @@
-"""trainer=fsdp_cpu / fsdp (issue #16, first slices): SFT, pretraining and DPO, the policy sharded per transformer
+"""trainer=fsdp_cpu / fsdp (issue #16, first slices): pretraining, SFT, the reward model and DPO, sharded per transformer
 block (FSDP2 through Lightning's ModelParallelStrategy) follow the one-process loss curve; what
 cannot run sharded yet fails at config time in one line."""
 
@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, TINY
 from rlhf.checkpoint import load_policy
@@ -87,21 +88,34 @@ def test_sft_under_fsdp_on_two_processes_follows_the_one_process_loss_curve(tmp_
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+RM_LR = 1e-4
+
+
 @pytest.mark.slow
-def test_pretrain_sft_and_dpo_under_fsdp_follow_the_one_process_run(tmp_path):
-    # DPO's policy sharded, its reference precomputed whole on each process over that process's
-    # pairs, the shared-prompt rows through forward_packed; a held-out evaluation due during the
-    # stage (eval_every=2) is skipped when sharded instead of leaving rank 1 waiting
-    recipe = ("recipe=dpo", "+stage@stages.pretrain=pretrain", "order=[pretrain,sft,dpo]", "stages.pretrain.max_steps=2",
-              "stages.sft.max_steps=2", "stages.dpo.max_steps=4", "stages.dpo.batch_size=8", "stages.dpo.warmup_steps=1",
-              "stages.dpo.eval_every=2")
+def test_pretrain_sft_reward_model_and_dpo_under_fsdp_follow_the_one_process_run(tmp_path):
+    # the reward model sharded (its trunk's blocks; head and the rest in the root group) and
+    # gathered whole for its file; DPO's policy sharded, its reference precomputed whole on each
+    # process over that process's pairs, the shared-prompt rows through forward_packed; a held-out
+    # evaluation due during DPO (eval_every=2) is skipped when sharded instead of leaving rank 1 waiting
+    recipe = ("recipe=dpo", "+stage@stages.pretrain=pretrain", "+stage@stages.rm=reward_model", "order=[pretrain,sft,rm,dpo]",
+              "stages.pretrain.max_steps=2", "stages.sft.max_steps=2", "stages.rm.max_steps=3", "stages.rm.batch_size=8",
+              "stages.rm.warmup_steps=1", "stages.dpo.max_steps=4", "stages.dpo.batch_size=8", "stages.dpo.warmup_steps=1",
+              "stages.dpo.eval_every=2", f"stages.rm.lr={RM_LR}")
     one, _ = _run_with_loss_curve(tmp_path / "one", "default", recipe)
     two, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", recipe)
     assert "GLOBAL_RANK: 1" in output and two["world_size"] == 2 and two["sharded"]
-    assert len(one["losses"]) == 4
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
-    fsdp_stage, one_stage = (tmp_path / run / "stages" / "02_dpo" for run in ("fsdp", "one"))
-    assert (fsdp_stage / "COMPLETE").exists() and not (fsdp_stage / "eval_during.jsonl").exists()
-    sharded, whole = (load_policy(stage)[0].state_dict() for stage in (fsdp_stage, one_stage))
+    assert [len(losses) for losses in one["stages"]] == [2, 2, 3, 4]
+    for sharded_curve, whole_curve in zip(two["stages"], one["stages"]):
+        assert sharded_curve == pytest.approx(whole_curve, rel=1e-4)
+    fsdp_run, one_run = tmp_path / "fsdp", tmp_path / "one"
+    assert (fsdp_run / "stages" / "03_dpo" / "COMPLETE").exists() and not (fsdp_run / "stages" / "03_dpo" / "eval_during.jsonl").exists()
+    sharded, whole = (load_policy(run / "stages" / "03_dpo")[0].state_dict() for run in (fsdp_run, one_run))
+    sharded_rm, whole_rm = (load_file(str(run / "stages" / "02_rm" / "reward_model.safetensors")) for run in (fsdp_run, one_run))
+    assert sharded_rm.keys() == whole_rm.keys()
     for key in whole:
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+    for key in whole_rm:
+        # the head's bias has no gradient in exact arithmetic (Bradley-Terry sees reward
+        # differences only): AdamW turns rounding noise into lr-sized steps of either sign
+        atol = 3 * RM_LR if key == "head.bias" else 1e-5
+        torch.testing.assert_close(sharded_rm[key], whole_rm[key], rtol=1e-4, atol=atol, msg=key)

@@ -47,6 +47,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.data.token_store import TokenStore, store_rows
 from rlhf.errors import ConfigError
+from rlhf.fsdp import gather_policy
 from rlhf.losses.preference import binned_rating_loss, bradley_terry_loss, expected_rating, preference_accuracy, reward_centering_penalty
 from rlhf.lora import base_state_dict
 from rlhf.reward import RewardModel, save_reward_model, truncate
@@ -200,6 +201,12 @@ class RewardModule(L.LightningModule):
     def __init__(self, model: RewardModel, stage_cfg: Config, slot: str):
         super().__init__()
         self.model, self.stage_cfg, self.slot = model, stage_cfg, slot
+
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.model, self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):
         if "labels" in batch:
@@ -418,8 +425,10 @@ def run(ctx: StageContext) -> StageResult:
     model = RewardModel(trunk, num_bins=cfg.num_bins, max_len=cfg.max_len)
     probe = make_batch(0, 0, 1)
     freeze_unused(model, probe["tokens"][:2], probe["mask"][:2])
-    ctx.fit(RewardModule(model, cfg, ctx.slot), make_batch)
-
+    module = RewardModule(model, cfg, ctx.slot)
+    ctx.fit(module, make_batch)
+    # trainer.strategy=fsdp: every rank gathers the whole weights (a collective); otherwise the model itself
+    model = gather_policy(module.model, lambda: RewardModel(ctx.new_model(), num_bins=cfg.num_bins, max_len=cfg.max_len))
     if ctx.is_global_zero:
         save_reward_model(model, ctx.stage_dir)
         if cfg.data is not None:
