@@ -150,7 +150,8 @@ def new_round_rows(module, r: int, make_rows: Callable[[int], list[dict]], eval_
     starting weights (logged, and kept as `round/start_*` in module.last_round, with the time
     the rows took as `round/generate_s`)."""
     ctx = module.ctx
-    if eval_prompts and module.trainer.is_global_zero:
+    # sharded (trainer.strategy=fsdp): rank 0 cannot sample alone, the round starts unevaluated
+    if eval_prompts and module.trainer.is_global_zero and module.device_mesh is None:
         metrics = heldout_eval(module.policy, ctx.task, ctx.tokenizer, ctx.run_cfg.eval, eval_prompts)
         log_now(module, {**metrics, "round": float(r)})
         module.last_round.update({"round/start_" + k.split("/", 1)[-1]: v for k, v in metrics.items()})

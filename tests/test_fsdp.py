@@ -119,3 +119,20 @@ def test_pretrain_sft_reward_model_and_dpo_under_fsdp_follow_the_one_process_run
         # differences only): AdamW turns rounding noise into lr-sized steps of either sign
         atol = 3 * RM_LR if key == "head.bias" else 1e-5
         torch.testing.assert_close(sharded_rm[key], whole_rm[key], rtol=1e-4, atol=atol, msg=key)
+
+
+@pytest.mark.slow
+def test_spin_under_fsdp_follows_ddp(tmp_path):
+    # each process samples its share of a round with its own generator, so the reference is the
+    # 2-process DDP run (the same rows), not one process; the opponent stays whole, the policy is
+    # sharded, and the round-start evaluations (rank 0 alone) are skipped when sharded
+    recipe = ("recipe=spin", "task.arrange_min_len=5", "task.arrange_max_len=6", "stages.sft.max_steps=2",
+              *[f"stages.{slot}.{key}" for slot in ("spin_iter1", "spin_iter2")
+                for key in ("max_steps=2", "steps_per_round=1", "batch_size=8", "max_new_tokens=8")])
+    ddp, ddp_output = _run_with_loss_curve(tmp_path / "ddp", "ddp_cpu", recipe)
+    fsdp, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", recipe)
+    assert fsdp["sharded"] and not ddp["sharded"] and fsdp["world_size"] == ddp["world_size"] == 2
+    assert [len(losses) for losses in fsdp["stages"]] == [2, 2, 2]
+    for sharded_curve, ddp_curve in zip(fsdp["stages"], ddp["stages"]):
+        assert sharded_curve == pytest.approx(ddp_curve, rel=1e-4)
+    assert "round 0 start" in ddp_output and "round 0 start" not in output  # evaluated under DDP only

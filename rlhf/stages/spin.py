@@ -133,6 +133,12 @@ class SpinModule(L.LightningModule):
         self.recent: deque = deque(maxlen=20)
         self.last_round: dict[str, float] = {}
 
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); the opponent stays whole
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
+
     def on_train_start(self):
         self.opponent.to(self.device)
 
