@@ -121,16 +121,25 @@ def test_pretrain_sft_reward_model_and_dpo_under_fsdp_follow_the_one_process_run
         torch.testing.assert_close(sharded_rm[key], whole_rm[key], rtol=1e-4, atol=atol, msg=key)
 
 
+ONLINE = {
+    # SPIN: the opponent stays whole and samples; the round-start evaluations are skipped when sharded
+    "spin": ("recipe=spin", *[f"stages.{slot}.{key}" for slot in ("spin_iter1", "spin_iter2")
+                              for key in ("max_steps=2", "steps_per_round=1", "batch_size=8", "max_new_tokens=8")]),
+    # external-reward DPO on a (sharded) reward model: each round samples from the policy's whole
+    # weights, gathered once for the round
+    "external_reward": ("recipe=external_reward", "stages.rm.max_steps=2", "stages.rm.batch_size=8", "stages.rm.policy_pool=16",
+                        *[f"stages.erdpo.{key}" for key in ("max_steps=2", "steps_per_round=1", "batch_size=8", "max_new_tokens=8", "min_reward_gap=0")]),
+}
+
+
 @pytest.mark.slow
-def test_spin_under_fsdp_follows_ddp(tmp_path):
+@pytest.mark.parametrize("recipe", list(ONLINE))
+def test_online_stages_under_fsdp_follow_ddp(tmp_path, recipe):
     # each process samples its share of a round with its own generator, so the reference is the
-    # 2-process DDP run (the same rows), not one process; the opponent stays whole, the policy is
-    # sharded, and the round-start evaluations (rank 0 alone) are skipped when sharded
-    recipe = ("recipe=spin", "task.arrange_min_len=5", "task.arrange_max_len=6", "stages.sft.max_steps=2",
-              *[f"stages.{slot}.{key}" for slot in ("spin_iter1", "spin_iter2")
-                for key in ("max_steps=2", "steps_per_round=1", "batch_size=8", "max_new_tokens=8")])
-    ddp, ddp_output = _run_with_loss_curve(tmp_path / "ddp", "ddp_cpu", recipe)
-    fsdp, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", recipe)
+    # 2-process DDP run (the same rows), not one process
+    args = (*ONLINE[recipe], "task.arrange_min_len=5", "task.arrange_max_len=6", "stages.sft.max_steps=2")
+    ddp, ddp_output = _run_with_loss_curve(tmp_path / "ddp", "ddp_cpu", args)
+    fsdp, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", args)
     assert fsdp["sharded"] and not ddp["sharded"] and fsdp["world_size"] == ddp["world_size"] == 2
     assert [len(losses) for losses in fsdp["stages"]] == [2, 2, 2]
     for sharded_curve, ddp_curve in zip(fsdp["stages"], ddp["stages"]):

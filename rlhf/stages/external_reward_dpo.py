@@ -41,6 +41,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_responses
+from rlhf.fsdp import gather_policy
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
@@ -174,6 +175,12 @@ class OnlineDPOModule(L.LightningModule):
         self.recent: deque = deque(maxlen=20)
         self.last_round: dict[str, float] = {}
 
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
+
     def on_train_start(self):
         # built here, once the policy is on its device, so a reward model lands there too
         cfg = self.cfg
@@ -209,7 +216,10 @@ class OnlineDPOModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(cfg.num_candidates)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "sample", r, rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        responses, finished = generate_responses(self.policy, tok, repeated, sampling, cfg.generation_batch_size, generator)
+        # sharded: every rank gathers the whole weights once for the round and samples with them
+        # (a sharded model would all-gather every layer at every decoding step, in lockstep)
+        sampler = gather_policy(self.policy, self.ctx.new_model)
+        responses, finished = generate_responses(sampler, tok, repeated, sampling, cfg.generation_batch_size, generator)
         rewards = list(self.reward(repeated, responses))
         n = cfg.num_candidates
         rows = [
@@ -217,7 +227,7 @@ class OnlineDPOModule(L.LightningModule):
             for j, i in enumerate(mine)
         ]
         if needs_reference(cfg):
-            model = self.policy if cfg.refresh_reference else self.reference
+            model = sampler if cfg.refresh_reference else self.reference
             attach_reference(rows, model, tok, self.ctx.policy.max_seq_len, cfg.batch_size, self.device)
         return gather_rows(rows, world)
 
