@@ -38,6 +38,7 @@ import torch
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
+from rlhf.fsdp import gather_policy
 from rlhf.lora import disabled_adapters, has_lora
 from rlhf.losses.policy_gradient import GROUP_ADVANTAGE_KINDS, GRPO_LOSS_KINDS, RATIO_LEVELS, entropy_from_logits, group_advantages, grpo_policy_loss, masked_mean
 from rlhf.model import frozen_copy
@@ -119,6 +120,12 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
+
     def on_fit_start(self):
         if self._reference[0] is not None:
             self._reference[0].to(self.device)
@@ -150,14 +157,17 @@ class GRPOModule(L.LightningModule):
             fields["ref_logprobs"] = "shifted"
         buffer = make_buffer(cfg.buffer, ctx.stage_dir, self.global_rank, len(rows), width, fields)
         generator = rollout_generator(ctx.seed, step, self.global_rank, self.device)
+        # sharded: every rank gathers the whole weights once per rollout to sample and score with
+        # (a sharded model would all-gather every layer at every decoding step, in lockstep)
+        sampler = gather_policy(self.policy, ctx.new_model)
         parts = defaultdict(list)
         for start, stop in chunks(len(rows), cfg.generation_batch_size):
-            ro = sample_rollout(self.policy, tok, rows[start:stop], self.reward_fn, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, verifier=self.verifier)
+            ro = sample_rollout(sampler, tok, rows[start:stop], self.reward_fn, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, verifier=self.verifier)
             mask = ro.logprob_mask
             buffer.write(start, tokens=ro.tokens, response_mask=ro.response_mask, sampled_logprobs=ro.sampled_logprobs)
-            with eval_mode(self.policy):
+            with eval_mode(sampler):
                 if not self.single_update:
-                    old_logprobs = policy_logprobs(self.policy(ro.tokens), ro.tokens, ro.response_mask, cfg.temperature)
+                    old_logprobs = policy_logprobs(sampler(ro.tokens), ro.tokens, ro.response_mask, cfg.temperature)
                     parts["mismatch"].append(check_sampled_logprobs(ro.sampled_logprobs, old_logprobs, mask, cfg.logprob_tolerance, ctx.slot))
                     buffer.write(start, old_logprobs=old_logprobs)
                 if self.use_reference:
@@ -252,7 +262,8 @@ class GRPOModule(L.LightningModule):
         metrics = mean_over_ranks(self, metrics)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
         row = {"rollout": step, **metrics}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and self.global_rank == 0:
+        # sharded: rank 0 cannot sample alone (rlhf/fsdp.py); the end-of-stage evaluation runs
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and self.global_rank == 0 and self.device_mesh is None:
             row.update(mid_training_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg, cfg.eval_num_prompts))
             log_samples(self.ctx.logger, step, first, cfg.num_logged_samples)
         if self.ctx.logger is not None and self.global_rank == 0:
