@@ -8,20 +8,21 @@ is one sharding group, all-gathered just before it runs and freed after; the emb
 output head and the norms outside the blocks form the root group.
 
 Pretraining, SFT, the reward model (its trunk's blocks; the rest, with its head, in the root
-group; gathered whole at the end like a policy), offline DPO, SPIN, external-reward DPO and GRPO/RLOO run sharded. Every process
+group; gathered whole at the end like a policy), offline DPO, SPIN, self-rewarding and external-reward DPO, EFT and GRPO/RLOO run sharded. Every process
 starts from rank 0's weights, broadcast before sharding as DDP does (a fresh reward head is
 drawn from each process's own random state). DPO's frozen reference is not sharded: with
 `precompute_reference` (the default) each process runs it whole once over its own pairs before
 the first step and frees it; DPO's held-out evaluations during the stage are skipped (they
 sample on rank 0 alone, and a sharded policy needs every rank), the end-of-stage one runs.
 SPIN's opponent (the stage's starting weights, frozen) stays whole and samples as under DDP;
-its round-start evaluations are skipped the same way. External-reward DPO samples each round,
-GRPO each rollout, with the policy's whole weights, gathered once per round or rollout on every
-process (`gather_policy`); GRPO's evaluations during the stage are skipped when sharded.
+its round-start evaluations are skipped the same way. External-reward and self-rewarding DPO
+sample (and judge) each round, EFT its answers, GRPO each rollout, with the policy's whole
+weights, gathered once per round or rollout on every process (`gather_policy`); evaluations
+during a stage are skipped when sharded, and self-rewarding DPO's end-of-stage judge
+measurement gathers the weights first.
 
 What this slice does NOT do yet, and refuses at config time in one line (`check_config`):
-  - the other stages (they hold a reward model or critic beside the policy or sample with a
-    KV cache during training: none of that is sharded yet);
+  - PPO (its critic and value head beside the policy are not sharded yet);
   - checkpoints within a stage, hence `resume=DIR`: a stage that stops part-way is trained
     again from its start when the same command is run again (complete stages are skipped);
   - LoRA (its adapters would have to survive the gather below), and `model.compile`.
@@ -44,7 +45,7 @@ from torch import nn
 from rlhf.errors import ConfigError
 
 STRATEGY = "fsdp"
-SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo", "reward_model", "spin", "external_reward_dpo", "grpo")
+SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo", "reward_model", "spin", "external_reward_dpo", "grpo", "self_reward_dpo", "eft")
 
 
 def is_fsdp(trainer_cfg) -> bool:

@@ -123,15 +123,23 @@ def test_pretrain_sft_reward_model_and_dpo_under_fsdp_follow_the_one_process_run
 
 ONLINE = {
     # SPIN: the opponent stays whole and samples; the round-start evaluations are skipped when sharded
-    "spin": ("recipe=spin", *[f"stages.{slot}.{key}" for slot in ("spin_iter1", "spin_iter2")
+    "spin": ("recipe=spin", "stages.sft.max_steps=2", *[f"stages.{slot}.{key}" for slot in ("spin_iter1", "spin_iter2")
                               for key in ("max_steps=2", "steps_per_round=1", "batch_size=8", "max_new_tokens=8")]),
     # external-reward DPO on a (sharded) reward model: each round samples from the policy's whole
     # weights, gathered once for the round
-    "external_reward": ("recipe=external_reward", "stages.rm.max_steps=2", "stages.rm.batch_size=8", "stages.rm.policy_pool=16",
+    "external_reward": ("recipe=external_reward", "stages.sft.max_steps=2", "stages.rm.max_steps=2", "stages.rm.batch_size=8", "stages.rm.policy_pool=16",
                         *[f"stages.erdpo.{key}" for key in ("max_steps=2", "steps_per_round=1", "batch_size=8", "max_new_tokens=8", "min_reward_gap=0")]),
     # GRPO: each rollout sampled and scored with the whole weights, gathered once per rollout; its
     # loss is ~0 at one update per rollout (ratio 1, zero-mean advantages), so the weights are the check
-    "grpo": ("recipe=grpo", *[f"stages.grpo.{key}" for key in ("max_steps=2", "rollout_batch_size=4", "group_size=4", "max_new_tokens=8", "eval_every=1")]),
+    "grpo": ("recipe=grpo", "stages.sft.max_steps=2", *[f"stages.grpo.{key}" for key in ("max_steps=2", "rollout_batch_size=4", "group_size=4", "max_new_tokens=8", "eval_every=1")]),
+    # self-rewarding with EFT first: EFT's own answers and each round's candidates and verdicts
+    # come from the whole weights; the end-of-stage judge measurement gathers them too. SFT long
+    # enough for the judge to parse at all
+    "self_reward_eft": ("recipe=self_reward_eft", "task=easy", "stages.sft.max_steps=30", "stages.sft.batch_size=16", "stages.sft.judge_fraction=0.5",
+                        "stages.eft.max_steps=2", "stages.eft.num_prompts=8", "stages.eft.batch_size=8",
+                        *[f"stages.{slot}.{key}" for slot in ("dpo_iter1", "dpo_iter2") for key in (
+                            "steps_per_round=1", "max_steps=2", "batch_size=4", "num_candidates=3", "judge.num_samples=2",
+                            "judge.score_regex='(\\d)'", "eval_prompts=4", "max_new_tokens=8", "judge_batch_size=4", "judge.temperature=1.0")]),
 }
 
 
@@ -140,16 +148,16 @@ ONLINE = {
 def test_online_stages_under_fsdp_follow_ddp(tmp_path, recipe):
     # each process samples its share of a round with its own generator, so the reference is the
     # 2-process DDP run (the same rows), not one process
-    args = (*ONLINE[recipe], "task.arrange_min_len=5", "task.arrange_max_len=6", "stages.sft.max_steps=2")
+    args = (*ONLINE[recipe], "task.arrange_min_len=5", "task.arrange_max_len=6")
     ddp, ddp_output = _run_with_loss_curve(tmp_path / "ddp", "ddp_cpu", args)
     fsdp, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", args)
     assert fsdp["sharded"] and not ddp["sharded"] and fsdp["world_size"] == ddp["world_size"] == 2
-    assert [len(losses) for losses in fsdp["stages"]] == [2] * len(ddp["stages"])
+    assert [len(losses) for losses in fsdp["stages"]][1:] == [2] * (len(ddp["stages"]) - 1)
     for sharded_curve, ddp_curve in zip(fsdp["stages"], ddp["stages"]):
         assert sharded_curve == pytest.approx(ddp_curve, rel=1e-4, abs=1e-7)
     last = sorted((tmp_path / "ddp" / "stages").iterdir())[-1].name
     sharded, whole = (load_policy(tmp_path / run / "stages" / last)[0].state_dict() for run in ("fsdp", "ddp"))
     for key in whole:
-        torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
-    if recipe != "grpo":  # the round-start evaluations ran under DDP only
+        torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+    if recipe in ("spin", "external_reward"):  # the round-start evaluations ran under DDP only
         assert "round 0 start" in ddp_output and "round 0 start" not in output

@@ -31,7 +31,9 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
 from rlhf.evaluation import generate_text
+from rlhf.fsdp import gather_policy
 from rlhf.judge import JudgeConfig, own_judging_examples, template_fields
+from rlhf.logprobs import response_nll
 from rlhf.rounds import gather_rows, load_or_make
 from rlhf.sampling import SamplingConfig, encode_examples
 from rlhf.stage_context import StageContext, StageResult
@@ -87,7 +89,8 @@ class EFTModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(cfg.num_candidates)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "eft_sample", rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        responses = generate_text(self.policy, self.ctx.tokenizer, repeated, sampling, cfg.generation_batch_size, generator)
+        sampler = gather_policy(self.policy, self.ctx.new_model)  # sharded: the whole weights, once (rlhf/fsdp.py)
+        responses = generate_text(sampler, self.ctx.tokenizer, repeated, sampling, cfg.generation_batch_size, generator)
         k = cfg.num_candidates
         rows = [
             {"index": i, "prompt": prompts[i], "candidates": [{"response": r, "verifier": task.score(prompts[i], r)} for r in responses[j * k : (j + 1) * k]]}
@@ -104,13 +107,22 @@ class EFTModule(L.LightningModule):
         examples += [task.sft_example(rng) for _ in range(n_answer)]
         mine = examples[rank::world]
         tokens, mask = encode_examples(tok, mine, self.device)
-        loss = bucketed_response_nll(self.policy, tokens, mask)
+        if self.device_mesh is not None:  # sharded: every rank must run as many forward passes (each all-gathers)
+            loss = response_nll(self.policy(tokens), tokens, mask)
+        else:
+            loss = bucketed_response_nll(self.policy, tokens, mask)
         check_finite(loss, self.ctx.slot, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
+
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
 
 
 def run(ctx: StageContext) -> StageResult:

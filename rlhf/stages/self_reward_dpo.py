@@ -56,6 +56,7 @@ from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_responses
+from rlhf.fsdp import gather_policy
 from rlhf.judge import JudgeConfig, evaluate_judge, judge, own_judging_examples, template_fields
 from rlhf.logprobs import response_nll, sequence_logprobs
 from rlhf.preference_batch import (
@@ -240,8 +241,11 @@ class SelfRewardModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(k)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "sample", r, rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        responses, finished = generate_responses(self.policy, tok, repeated, sampling, cfg.generation_batch_size, generator)
-        judged = judge(self.policy, tok, repeated, responses, cfg.judge, generator, cfg.generation_batch_size)
+        # sharded: every rank gathers the whole weights once for the round to answer and judge with
+        # (a sharded model would all-gather every layer at every decoding step, in lockstep)
+        sampler = gather_policy(self.policy, self.ctx.new_model)
+        responses, finished = generate_responses(sampler, tok, repeated, sampling, cfg.generation_batch_size, generator)
+        judged = judge(sampler, tok, repeated, responses, cfg.judge, generator, cfg.generation_batch_size)
         rows = []
         for j, i in enumerate(mine):
             sl = slice(j * k, (j + 1) * k)
@@ -259,6 +263,12 @@ class SelfRewardModule(L.LightningModule):
         if self.reference is not None:
             attach_reference(rows, self.reference, tok, self.ctx.policy.max_seq_len, 4 * cfg.batch_size, self.device)
         return gather_rows(rows, world)
+
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from rlhf.fsdp import shard_policy
+
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):
         loss = round_training_step(self, batch, lambda tokens, mask, ref: preference_loss(self.cfg, *pair_logprobs(self.policy, tokens, mask), ref))
@@ -308,20 +318,22 @@ def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens
     return total / max(1, len(prompts))
 
 
-def measure(ctx: StageContext, kl_reference: Optional[torch.nn.Module], name: str) -> dict[str, float]:
-    """Judge agreement (and KL when a reference is given) of the current policy on held-out prompts.
+def measure(ctx: StageContext, kl_reference: Optional[torch.nn.Module], name: str, policy: Optional[torch.nn.Module] = None) -> dict[str, float]:
+    """Judge agreement (and KL when a reference is given) of `policy` (default: the stage's
+    current policy) on held-out prompts.
 
     Writes every held-out candidate and judgement to `<stage_dir>/judge_eval_<name>.jsonl`."""
     cfg = ctx.cfg
+    policy = ctx.policy if policy is None else policy
     prompts = ctx.task.eval_prompts()[: cfg.eval_prompts]
-    device = next(ctx.policy.parameters()).device
+    device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(mix_seed(ctx.seed, "judge_eval"))
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    metrics, rows = evaluate_judge(ctx.policy, ctx.tokenizer, ctx.task, prompts, cfg.num_candidates, sampling, cfg.judge, generator, cfg.generation_batch_size)
+    metrics, rows = evaluate_judge(policy, ctx.tokenizer, ctx.task, prompts, cfg.num_candidates, sampling, cfg.judge, generator, cfg.generation_batch_size)
     checkpoint.write_jsonl(Path(ctx.stage_dir) / f"judge_eval_{name}.jsonl", rows)
     if kl_reference is not None:
         kl_reference.to(device)
-        metrics["eval/kl"] = kl_estimate(ctx.policy, kl_reference, ctx.tokenizer, prompts * 2, cfg.max_new_tokens, generator, cfg.generation_batch_size)
+        metrics["eval/kl"] = kl_estimate(policy, kl_reference, ctx.tokenizer, prompts * 2, cfg.max_new_tokens, generator, cfg.generation_batch_size)
     return metrics
 
 
@@ -384,10 +396,12 @@ def run(ctx: StageContext) -> StageResult:
     rows = all_round_rows(ctx.stage_dir)  # every rank: all of them raise, none waits for the others
     if not any(row["status"] == "pair" for row in rows):  # the stage trained on nothing: never mark it complete
         raise DataError(f"stages.{ctx.slot}: no usable pair in any round, nothing was trained: {no_pair_cause(rows)}")
+    # sharded: the end measurement (rank 0 alone) needs the whole weights, gathered by every rank
+    whole = gather_policy(ctx.policy, ctx.new_model) if cfg.eval_prompts else None
     if ctx.is_global_zero:
         metrics.update(write_flat_files(Path(ctx.stage_dir)))
         if cfg.eval_prompts:
-            end = measure(ctx, kl_ref, "end")
+            end = measure(ctx, kl_ref, "end", whole)
             metrics.update(end)
             if ctx.logger is not None:
                 ctx.logger.log_metrics({**end, **{k: v for k, v in metrics.items() if k.startswith("start/")}})
