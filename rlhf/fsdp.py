@@ -1,4 +1,4 @@
-"""Sharded training: `trainer.strategy=fsdp` (trainer=fsdp_cpu, trainer=fsdp), issue #16, first slices.
+"""Sharded training: `trainer.strategy=fsdp` (trainer=fsdp_cpu, trainer=fsdp), issue #16.
 
 The policy is sharded with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) through
 Lightning's `ModelParallelStrategy`: Lightning's own `FSDPStrategy` (FSDP1) refuses a CPU
@@ -7,10 +7,12 @@ gradient and optimizer state. Each transformer block (its attention and feed-for
 is one sharding group, all-gathered just before it runs and freed after; the embedding,
 output head and the norms outside the blocks form the root group.
 
-Pretraining, SFT, the reward model (its trunk's blocks; the rest, with its head, in the root
-group; gathered whole at the end like a policy), offline DPO, SPIN, self-rewarding and external-reward DPO, EFT and GRPO/RLOO run sharded. Every process
-starts from rank 0's weights, broadcast before sharding as DDP does (a fresh reward head is
-drawn from each process's own random state). DPO's frozen reference is not sharded: with
+Every stage kind runs sharded: pretraining, SFT, EFT, the reward model (its trunk's blocks;
+the rest, with its head, in the root group; gathered whole at the end like a policy), offline
+DPO, SPIN, self-rewarding and external-reward DPO, GRPO/RLOO and PPO (its value head a
+sharding group of its own, a separate critic sharded like the policy). Every process starts
+from rank 0's weights, broadcast before sharding as DDP does (a fresh reward head is drawn
+from each process's own random state). DPO's frozen reference is not sharded: with
 `precompute_reference` (the default) each process runs it whole once over its own pairs before
 the first step and frees it; DPO's held-out evaluations during the stage are skipped (they
 sample on rank 0 alone, and a sharded policy needs every rank), the end-of-stage one runs.
@@ -19,10 +21,9 @@ its round-start evaluations are skipped the same way. External-reward and self-r
 sample (and judge) each round, EFT its answers, GRPO each rollout, with the policy's whole
 weights, gathered once per round or rollout on every process (`gather_policy`); evaluations
 during a stage are skipped when sharded, and self-rewarding DPO's end-of-stage judge
-measurement gathers the weights first.
+measurement gathers the weights first. PPO samples like GRPO.
 
-What this slice does NOT do yet, and refuses at config time in one line (`check_config`):
-  - PPO (its critic and value head beside the policy are not sharded yet);
+What this does NOT do yet, and refuses at config time in one line (`check_config`):
   - checkpoints within a stage, hence `resume=DIR`: a stage that stops part-way is trained
     again from its start when the same command is run again (complete stages are skipped);
   - LoRA (its adapters would have to survive the gather below), and `model.compile`.
@@ -45,7 +46,7 @@ from torch import nn
 from rlhf.errors import ConfigError
 
 STRATEGY = "fsdp"
-SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo", "reward_model", "spin", "external_reward_dpo", "grpo", "self_reward_dpo", "eft")
+SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo", "reward_model", "spin", "external_reward_dpo", "grpo", "self_reward_dpo", "eft", "ppo")
 
 
 def is_fsdp(trainer_cfg) -> bool:
@@ -128,8 +129,9 @@ def shard_policy(policy: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     # entry points other than forward gather the root group too: DPO's shared-prompt rows, a
-    # reward model's head logits (rating bins)
-    for method in ("forward_packed", "logits"):
+    # reward model's head logits (rating bins), PPO's logits with the trunk's hidden states and a
+    # separate critic's hidden states
+    for method in ("forward_packed", "logits", "forward_hidden", "hidden"):
         if hasattr(policy, method):
             register_fsdp_forward_method(policy, method)
 

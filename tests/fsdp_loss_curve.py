@@ -26,8 +26,9 @@ class LossCurve(Callback):
         self.sharded = all(isinstance(p, DTensor) for p in trained.parameters())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not outputs or "loss" not in outputs:  # manual optimization (GRPO): the rollout's loss, averaged over ranks
-            self.losses.append(pl_module.history[-1]["train/loss"])
+        if not outputs or "loss" not in outputs:  # manual optimization (GRPO, PPO): the rollout's loss, averaged over ranks
+            row = pl_module.history[-1]
+            self.losses.append(row["train/loss"] if "train/loss" in row else row["train/policy_loss"] + row["train/value_loss"])
             return
         loss = outputs["loss"].detach().clone()
         if trainer.world_size > 1:

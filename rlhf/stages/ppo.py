@@ -39,6 +39,7 @@ from torch import nn
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
+from rlhf.fsdp import gather_policy
 from rlhf.freezing import train_last_n_layers
 from rlhf.logprobs import response_nll
 from rlhf.lora import apply_lora, base_state_dict, disabled_adapters, has_lora
@@ -153,6 +154,19 @@ class PPOModule(L.LightningModule):
         groups = [{"params": list(self.policy.parameters())}, {"params": critic, "lr": self.cfg.lr * self.cfg.critic_lr_scale}]
         return adamw_with_schedule(groups, self.cfg)
 
+    def configure_model(self):
+        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+            from torch.distributed.fsdp import fully_shard
+
+            from rlhf.fsdp import shard_policy
+
+            mesh = self.device_mesh["data_parallel"]
+            shard_policy(self.policy, mesh)
+            if self.critic is not None:
+                shard_policy(self.critic, mesh)
+            # its own group: a parameter outside every group would keep each process's own gradient
+            fully_shard(self.value_head, mesh=mesh)
+
     def on_fit_start(self):
         if self._reference[0] is not None:
             self._reference[0].to(self.device)
@@ -194,8 +208,11 @@ class PPOModule(L.LightningModule):
         advantages, returns, residuals = MaskedMoments(), MaskedMoments(), MaskedMoments()
         parts = defaultdict(list)
         models = [self.policy] + ([self.critic] if self.critic is not None else [])
+        # sharded: every rank gathers the whole weights once per rollout to sample with (a sharded
+        # model would all-gather every layer at every decoding step, in lockstep)
+        sampler = gather_policy(self.policy, ctx.new_model)
         for start, stop in chunks(len(prompts), cfg.generation_batch_size):
-            ro = sample_rollout(self.policy, tok, prompts[start:stop], self.reward_fn, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, verifier=self.verifier)
+            ro = sample_rollout(sampler, tok, prompts[start:stop], self.reward_fn, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, verifier=self.verifier)
             with eval_mode(*models):
                 logits, values = self.logits_and_values(ro.tokens)
                 old_logprobs = policy_logprobs(logits, ro.tokens, ro.response_mask, cfg.temperature)
@@ -296,7 +313,8 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.update(metrics["rollout/kl"], cfg.rollout_batch_size)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
         row = {"rollout": step, **metrics}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and self.global_rank == 0:
+        # sharded: rank 0 cannot sample alone (rlhf/fsdp.py); the end-of-stage evaluation runs
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and self.global_rank == 0 and self.device_mesh is None:
             row.update(mid_training_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg, cfg.eval_num_prompts))
             log_samples(self.ctx.logger, step, first, cfg.num_logged_samples)
         if self.ctx.logger is not None and self.global_rank == 0:
