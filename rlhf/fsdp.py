@@ -112,6 +112,16 @@ def transformer_blocks(policy: nn.Module) -> list[list[nn.Module]]:
     return blocks
 
 
+def shard_in(module, *models: nn.Module) -> None:
+    """A stage module's `configure_model`: under trainer.strategy=fsdp (Lightning's
+    ModelParallelStrategy gives the module a device mesh) shard each of `models` per transformer
+    block on it; under any other strategy nothing."""
+    if module.device_mesh is None:
+        return
+    for model in models:
+        shard_policy(model, module.device_mesh["data_parallel"])
+
+
 def shard_policy(policy: nn.Module, mesh) -> None:
     """fully_shard each transformer block, then the policy itself (in place; a no-op the second time)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard

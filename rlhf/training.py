@@ -258,10 +258,7 @@ class NLLModule(L.LightningModule):
         self.policy, self.stage_cfg, self.slot = policy, stage_cfg, slot
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+        fsdp.shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
 
     def training_step(self, batch, batch_idx):
         tokens, mask = batch

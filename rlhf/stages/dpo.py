@@ -33,6 +33,7 @@ import lightning as L
 import torch
 
 from rlhf.config import StageConfig
+from rlhf.fsdp import shard_in
 from rlhf.preference_batch import (
     EncodedPair,
     PreferenceLossConfig,
@@ -134,10 +135,7 @@ class DPOModule(L.LightningModule):
         self._evaluated_at = -1
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
 
     def on_train_start(self):
         if self.reference is None:

@@ -31,7 +31,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
 from rlhf.evaluation import generate_text
-from rlhf.fsdp import gather_policy
+from rlhf.fsdp import gather_policy, shard_in
 from rlhf.judge import JudgeConfig, own_judging_examples, template_fields
 from rlhf.logprobs import response_nll
 from rlhf.rounds import gather_rows, load_or_make
@@ -119,10 +119,7 @@ class EFTModule(L.LightningModule):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -41,7 +41,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_responses
-from rlhf.fsdp import gather_policy
+from rlhf.fsdp import gather_policy, shard_in
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
@@ -176,10 +176,7 @@ class OnlineDPOModule(L.LightningModule):
         self.last_round: dict[str, float] = {}
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
 
     def on_train_start(self):
         # built here, once the policy is on its device, so a reward model lands there too

@@ -38,7 +38,7 @@ import torch
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
-from rlhf.fsdp import gather_policy
+from rlhf.fsdp import gather_policy, shard_in
 from rlhf.lora import disabled_adapters, has_lora
 from rlhf.losses.policy_gradient import GROUP_ADVANTAGE_KINDS, GRPO_LOSS_KINDS, RATIO_LEVELS, entropy_from_logits, group_advantages, grpo_policy_loss, masked_mean
 from rlhf.model import frozen_copy
@@ -121,10 +121,7 @@ class GRPOModule(L.LightningModule):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
 
     def on_fit_start(self):
         if self._reference[0] is not None:

@@ -39,7 +39,7 @@ from torch import nn
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
-from rlhf.fsdp import gather_policy
+from rlhf.fsdp import gather_policy, shard_in
 from rlhf.freezing import train_last_n_layers
 from rlhf.logprobs import response_nll
 from rlhf.lora import apply_lora, base_state_dict, disabled_adapters, has_lora
@@ -155,17 +155,12 @@ class PPOModule(L.LightningModule):
         return adamw_with_schedule(groups, self.cfg)
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
+        shard_in(self, self.policy, *([self.critic] if self.critic is not None else []))  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        if self.device_mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
-            from rlhf.fsdp import shard_policy
-
-            mesh = self.device_mesh["data_parallel"]
-            shard_policy(self.policy, mesh)
-            if self.critic is not None:
-                shard_policy(self.critic, mesh)
             # its own group: a parameter outside every group would keep each process's own gradient
-            fully_shard(self.value_head, mesh=mesh)
+            fully_shard(self.value_head, mesh=self.device_mesh["data_parallel"])
 
     def on_fit_start(self):
         if self._reference[0] is not None:

@@ -47,7 +47,7 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.data.token_store import TokenStore, store_rows
 from rlhf.errors import ConfigError
-from rlhf.fsdp import gather_policy
+from rlhf.fsdp import gather_policy, shard_in
 from rlhf.losses.preference import binned_rating_loss, bradley_terry_loss, expected_rating, preference_accuracy, reward_centering_penalty
 from rlhf.lora import base_state_dict
 from rlhf.reward import RewardModel, save_reward_model, truncate
@@ -203,10 +203,7 @@ class RewardModule(L.LightningModule):
         self.model, self.stage_cfg, self.slot = model, stage_cfg, slot
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.model, self.device_mesh["data_parallel"])
+        shard_in(self, self.model)  # trainer.strategy=fsdp (rlhf/fsdp.py)
 
     def training_step(self, batch, batch_idx):
         if "labels" in batch:

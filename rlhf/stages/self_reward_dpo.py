@@ -56,7 +56,7 @@ from rlhf import checkpoint
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_responses
-from rlhf.fsdp import gather_policy
+from rlhf.fsdp import gather_policy, shard_in
 from rlhf.judge import JudgeConfig, evaluate_judge, judge, own_judging_examples, template_fields
 from rlhf.logprobs import response_nll, sequence_logprobs
 from rlhf.preference_batch import (
@@ -265,10 +265,7 @@ class SelfRewardModule(L.LightningModule):
         return gather_rows(rows, world)
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); nothing to do under any other
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
 
     def training_step(self, batch, batch_idx):
         loss = round_training_step(self, batch, lambda tokens, mask, ref: preference_loss(self.cfg, *pair_logprobs(self.policy, tokens, mask), ref))

@@ -42,6 +42,7 @@ from rlhf.config import StageConfig
 from rlhf.data.examples import PreferencePair, SFTExample
 from rlhf.errors import ConfigError, DataError
 from rlhf.evaluation import generate_responses
+from rlhf.fsdp import shard_in
 from rlhf.losses.preference import chosen_nll, preference_accuracy, spin_loss
 from rlhf.preference_batch import log_now, pair_logprobs, starting_reference
 from rlhf.sampling import SamplingConfig
@@ -134,10 +135,7 @@ class SpinModule(L.LightningModule):
         self.last_round: dict[str, float] = {}
 
     def configure_model(self):
-        if self.device_mesh is not None:  # trainer.strategy=fsdp (rlhf/fsdp.py); the opponent stays whole
-            from rlhf.fsdp import shard_policy
-
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py); SPIN's opponent stays whole
 
     def on_train_start(self):
         self.opponent.to(self.device)
