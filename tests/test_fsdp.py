@@ -146,7 +146,6 @@ def test_online_stages_under_fsdp_follow_ddp(tmp_path, recipe):
     sharded, whole = (load_policy(tmp_path / run / "stages" / last)[0].state_dict() for run in ("fsdp", "ddp"))
     for key in whole:
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert "stage sft (sft): starting" in ddp_output + output
 
 
 @pytest.mark.slow
