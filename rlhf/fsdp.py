@@ -23,10 +23,12 @@ weights, gathered once per round or rollout on every process (`gather_policy`); 
 during a stage are skipped when sharded, and self-rewarding DPO's end-of-stage judge
 measurement gathers the weights first. PPO samples like GRPO.
 
-What this does NOT do yet, and refuses at config time in one line (`check_config`):
-  - checkpoints within a stage, hence `resume=DIR`: a stage that stops part-way is trained
-    again from its start when the same command is run again (complete stages are skipped);
-  - LoRA (its adapters would have to survive the gather below), and `model.compile`.
+Checkpoints within a stage are PyTorch distributed checkpoints written by Lightning's strategy
+(a directory, each process its own shards; rlhf.training.ResumableCheckpoint swaps it in), so
+`resume=DIR` continues a sharded stage exactly.
+
+What this does NOT do yet, and refuses at config time in one line (`check_config`): LoRA (its
+adapters would have to survive the gather below), and `model.compile`.
 SFT's length buckets (rlhf.training.bucketed_response_nll) are off when sharded: every process
 must run as many forward passes, since each all-gathers the blocks' weights.
 At the end of a stage every process gathers the whole weights once (`gather_policy`) into a
@@ -53,15 +55,12 @@ def is_fsdp(trainer_cfg) -> bool:
     return str(trainer_cfg.strategy).lower() == STRATEGY
 
 
-def check_config(trainer_cfg, model_cfg, order, stage_cfgs: dict, resuming: bool = False) -> None:
+def check_config(trainer_cfg, model_cfg, order, stage_cfgs: dict) -> None:
     """What this slice cannot shard fails before anything trains, in one line."""
     if not is_fsdp(trainer_cfg):
         return
     if str(trainer_cfg.accelerator).lower() not in ("cpu", "gpu", "cuda"):
         raise ConfigError(f"trainer.strategy=fsdp needs trainer.accelerator=cpu or gpu, got {trainer_cfg.accelerator!r} (use trainer=fsdp_cpu or trainer=fsdp)")
-    if resuming:
-        raise ConfigError("trainer.strategy=fsdp does not checkpoint within a stage yet, so resume=DIR is not supported: "
-                          "re-run the run's own command with hydra.run.dir=DIR (complete stages are skipped, an unfinished one starts over)")
     for slot in order:
         stage = stage_cfgs[slot]
         if stage.kind not in SUPPORTED_STAGE_KINDS:

@@ -166,7 +166,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
     stage_cfgs = {slot: typed_stage_config(slot, cfg.stages[slot]) for slot in cfg.order}
     check_slot_references(list(cfg.order), stage_cfgs)
     check_accelerator(cfg.trainer)
-    fsdp.check_config(cfg.trainer, cfg.model, list(cfg.order), stage_cfgs, resuming)  # what cannot run sharded yet
+    fsdp.check_config(cfg.trainer, cfg.model, list(cfg.order), stage_cfgs)  # what cannot run sharded yet
     warn_from_scratch_settings(cfg, stage_cfgs)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)

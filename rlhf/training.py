@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -104,7 +105,12 @@ class StepSeed(Callback):
 
 
 class ResumableCheckpoint(Callback):
-    """Every `every` optimizer steps and at the end, atomically replace `<dir>/last.ckpt`."""
+    """Every `every` optimizer steps and at the end, atomically replace `<dir>/last.ckpt`.
+
+    Under trainer.strategy=fsdp the checkpoint is a directory (PyTorch distributed checkpoint:
+    each process writes its own shards, rank 0 the rest): it is written beside as
+    `last.ckpt.tmp`, then swapped in by two renames (`latest_checkpoint` finds it if a kill
+    falls between them)."""
 
     def __init__(self, directory: Path, every: int):
         self.path = Path(directory) / "last.ckpt"
@@ -115,9 +121,21 @@ class ResumableCheckpoint(Callback):
         if trainer.global_step == self._saved_at:
             return
         tmp = self.path.with_suffix(".ckpt.tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls; rank 0 writes
         if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+            _remove(tmp)  # a save cut short by a kill: a stale shard must not mix into this one
+        trainer.strategy.barrier()
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls; rank 0 (or, sharded, every rank) writes
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            if tmp.is_dir():
+                old = self.path.with_suffix(".ckpt.old")
+                _remove(old)
+                if self.path.exists():
+                    os.replace(self.path, old)
+                os.replace(tmp, self.path)
+                _remove(old)
+            else:
+                os.replace(tmp, self.path)
         trainer.strategy.barrier()
         self._saved_at = trainer.global_step
 
@@ -128,6 +146,23 @@ class ResumableCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """`<ckpt_dir>/last.ckpt` (a file, or a sharded checkpoint's directory), or None. A sharded
+    checkpoint moved aside as `last.ckpt.old` when a kill fell between its two renames is used
+    where it lies (read-only: every process must reach the same answer)."""
+    last, old = Path(ckpt_dir) / "last.ckpt", Path(ckpt_dir) / "last.ckpt.old"
+    if last.exists():
+        return last
+    return old if old.is_dir() else None
 
 
 def fit(
@@ -148,11 +183,10 @@ def fit(
     stage_cfg.max_steps batches (K * max_steps optimizer steps); it clips its own gradients.
     """
     ckpt_dir = Path(stage_dir) / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    last = latest_checkpoint(ckpt_dir)
     accumulate = stage_cfg.accumulate_grad_batches
     per_batch = steps_per_batch(module)
-    sharded = fsdp.is_fsdp(trainer_cfg)  # no checkpoints within a stage yet (rlhf/fsdp.py)
-    checkpoints = [] if sharded else [ResumableCheckpoint(ckpt_dir, trainer_cfg.checkpoint_every)]
+    sharded = fsdp.is_fsdp(trainer_cfg)
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -162,7 +196,7 @@ def fit(
         max_steps=stage_cfg.max_steps * per_batch,
         max_epochs=-1,
         logger=logger if logger is not None else False,
-        callbacks=[StepSeed(seed), *checkpoints, *(callbacks or [])],
+        callbacks=[StepSeed(seed), ResumableCheckpoint(ckpt_dir, trainer_cfg.checkpoint_every), *(callbacks or [])],
         enable_checkpointing=False,
         gradient_clip_val=(stage_cfg.grad_clip or None) if module.automatic_optimization else None,
         accumulate_grad_batches=accumulate,
@@ -177,7 +211,7 @@ def fit(
     data = StepBatches(make_batch, stage_cfg.max_steps * accumulate, trainer)
     loader = DataLoader(data, batch_size=None, num_workers=0)
     try:
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.exists() and not sharded else None)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last is not None else None)
     except SystemExit:
         # Lightning turns Ctrl-C into sys.exit(1) after its shutdown: give the caller the
         # interrupt back, so the CLI can say how to continue

@@ -6,14 +6,16 @@ yet fails at config time in one line."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_cli
 from rlhf.checkpoint import load_policy
 from rlhf.cli import compose
 from rlhf.errors import ConfigError
@@ -55,11 +57,46 @@ def test_a_stage_kind_that_cannot_shard_is_named():
         check_config(trainer, SimpleNamespace(backend="xtransformers", compile=False), ["x"], {"x": stage})
 
 
-def test_resume_under_fsdp_says_it_is_not_supported(tmp_path):
-    # in process (the CLI turns any ConfigError into one line, tested in test_cli.py)
-    with pytest.raises(ConfigError, match=r"^trainer.strategy=fsdp does not checkpoint within a stage yet, so resume=DIR is not supported"):
-        run_recipe(compose(["recipe=sft", *TINY, "trainer=fsdp_cpu"]), tmp_path, resuming=True)
-    assert not any(tmp_path.iterdir())  # nothing written
+@pytest.mark.slow
+def test_a_sharded_stage_killed_mid_way_resumes_to_identical_weights(tmp_path):
+    # PPO sharded on 2 processes (its value head a group of its own; the KL controller and history
+    # in the checkpoint's metadata): kill -9 once its first distributed checkpoint is in place,
+    # then resume=DIR skips the complete SFT stage and continues PPO from the shards
+    args = ["recipe=ppo", "order=[sft,ppo]", *TINY, "trainer=fsdp_cpu", "trainer.checkpoint_every=1", "stages.sft.max_steps=4",
+            *[f"stages.ppo.{key}" for key in ("reward_slot=null", "max_steps=3", "rollout_batch_size=8", "minibatch_size=4", "max_new_tokens=6", "eval_every=0")]]
+    run_cli("run", *args, f"hydra.run.dir={tmp_path / 'whole'}")
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf", "run", *args, f"hydra.run.dir={run}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "stages" / "01_ppo" / "checkpoints" / "last.ckpt").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run finished before the kill point"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run / "stages" / "01_ppo" / "COMPLETE").exists()
+    resumed = run_cli("run", f"resume={run}")
+    assert "stage sft: complete on disk, skipped" in resumed.stdout + resumed.stderr
+    assert not (run / "stages" / "01_ppo" / "checkpoints").exists()  # removed once the stage is complete
+    whole, killed = (load_file(str(tmp_path / name / "stages" / "01_ppo" / "policy.safetensors")) for name in ("whole", "killed"))
+    assert whole.keys() == killed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], killed[key]), key
+
+
+def test_a_sharded_checkpoint_moved_aside_by_a_kill_is_still_found(tmp_path):
+    # a sharded checkpoint is a directory, replaced by two renames: last.ckpt -> last.ckpt.old, then
+    # last.ckpt.tmp -> last.ckpt; a kill between them leaves only last.ckpt.old
+    from rlhf.training import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "last.ckpt.old").mkdir()
+    (tmp_path / "last.ckpt.tmp").mkdir()  # a save cut short: never loaded
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt.old"
+    (tmp_path / "last.ckpt").mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")
