@@ -9,7 +9,7 @@ Data: N synthetic hh-rlhf-like preference pairs, `{"chosen", "rejected"}` transc
 their "\\n\\nHuman: ... \\n\\nAssistant:" prompt (~450 bytes a row: 100k rows are 43 MiB), and N SFT rows
 `{"prompt", "response"}` made of the same prompts and chosen answers; both written to a
 temporary directory, never into the repository. The tokenizer is the byte-level BPE that
-task=text trains (rlhf.data.bpe, vocab 4096), trained here on the first 2,000 pairs, so
+task=text trains (rlhf.models.bpe, vocab 4096), trained here on the first 2,000 pairs, so
 nothing is downloaded.
 
 Cases, each in a fresh process (`--child`), each at N rows and at a 10-row file (the baseline:
@@ -148,9 +148,8 @@ def child(case: str, data: Path, tokenizer_path: Path, stage_dir: Path, trace: b
     from omegaconf import OmegaConf
 
     from rlhf.config import typed_run_config, typed_stage_config
-    from rlhf.data.bpe import BPETokenizer
     from rlhf.data.jsonl import read_preference_pairs
-    from rlhf.model import build_model
+    from rlhf.models import BPETokenizer, build_model
     from rlhf.stage_context import StageContext
     from rlhf.stages import dpo, reward_model, sft
 
@@ -250,7 +249,7 @@ def main() -> None:
     cases = args.cases.split(",")
 
     from benchmarks.common import machine, write_result
-    from rlhf.data.bpe import BPETokenizer
+    from rlhf.models import BPETokenizer
 
     start_load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -90,7 +90,7 @@ def run_one(size: str, steps: int, warmup: int, precompute: bool, precision: str
     from omegaconf import OmegaConf
 
     from rlhf.config import typed_run_config, typed_stage_config
-    from rlhf.model import build_model
+    from rlhf.models import build_model
     from rlhf.preference_batch import starting_reference
     from rlhf.stage_context import StageContext
     from rlhf.stages import dpo

@@ -40,10 +40,10 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import machine, write_result
 from rlhf.config import EvalConfig, TrainerConfig
-from rlhf.model import ModelConfig, build_model
+from rlhf.models import ModelConfig, build_model
 from rlhf.stage_context import StageContext
 from rlhf.tasks import TaskConfig
-from rlhf.tasks.builtin import BuiltinTask
+from rlhf.tasks.builtin import BuiltinTask, solved_texts
 
 PROMPTS, GROUP, NEW_TOKENS = 2, 4, 32
 COMPLETIONS_PER_STEP = PROMPTS * GROUP
@@ -75,7 +75,7 @@ def run_rlhf(model_cfg: ModelConfig, steps: int, workdir: Path) -> dict:
 
     task = BuiltinTask(TaskConfig())
     if model_cfg.backend == "hf":
-        from rlhf.hf_backend import load_hf_model, load_hf_tokenizer
+        from rlhf.models import load_hf_model, load_hf_tokenizer
 
         policy, tokenizer = load_hf_model(model_cfg), load_hf_tokenizer(model_cfg)
     else:
@@ -182,9 +182,9 @@ def main() -> None:
             import transformers
 
             transformers.utils.logging.set_verbosity_error()
-            from rlhf.hf_backend import make_tiny_checkpoint
+            from rlhf.models import make_tiny_checkpoint
 
-            checkpoint = make_tiny_checkpoint(workdir / "gpt2", n_layer=4, n_embd=256, n_head=4, vocab_size=512, max_positions=256)
+            checkpoint = make_tiny_checkpoint(workdir / "gpt2", solved_texts(), n_layer=4, n_embd=256, n_head=4, vocab_size=512, max_positions=256)
         for r in range(args.rounds):
             runs["rlhf_xtransformers"].append(run_rlhf(xt, args.steps, workdir))
             runs["rlhf_xtransformers_compiled"].append(run_rlhf(compiled, args.steps, workdir))

@@ -57,9 +57,9 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import machine, write_result
 from rlhf.config import EvalConfig, TrainerConfig
-from rlhf.hf_backend import load_hf_model, load_hf_tokenizer, make_tiny_checkpoint
-from rlhf.model import ModelConfig
+from rlhf.models import ModelConfig, load_hf_model, load_hf_tokenizer, make_tiny_checkpoint
 from rlhf.stage_context import StageContext
+from rlhf.tasks.builtin import solved_texts
 
 BATCH, PROMPT_LEN, RESPONSE_LEN = 8, 64, 64  # RESPONSE_LEN includes the EOS
 SEQ_LEN = PROMPT_LEN + RESPONSE_LEN
@@ -284,7 +284,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        checkpoint = make_tiny_checkpoint(workdir / "gpt2", n_layer=4, n_embd=256, n_head=4, vocab_size=512, max_positions=256)
+        checkpoint = make_tiny_checkpoint(workdir / "gpt2", solved_texts(), n_layer=4, n_embd=256, n_head=4, vocab_size=512, max_positions=256)
         tok = load_hf_tokenizer(ModelConfig(backend="hf", path=str(checkpoint)))
         rows = make_pairs(tok, args.steps * BATCH)
         data = workdir / "pairs.jsonl"

@@ -47,7 +47,7 @@ WRAPPER = (
 )
 BASELINE = (
     "import sys, torch, lightning, hydra\n"
-    "from rlhf.model import ModelConfig, build_model\n"
+    "from rlhf.models import ModelConfig, build_model\n"
     "import rlhf.orchestrator, rlhf.stages.ppo, rlhf.stages.sft\n"
     "from omegaconf import OmegaConf\n"
     "cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(sys.argv[1]))\n"

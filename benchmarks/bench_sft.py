@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import machine, matmul_peak_gflops, write_result
 from rlhf.config import StageConfig, TrainerConfig
 from rlhf.logprobs import response_nll
-from rlhf.model import CausalLM, ModelConfig
+from rlhf.models import CausalLM, ModelConfig
 from rlhf.sampling import SamplingConfig, generate
 from rlhf.training import NLLModule, adamw_with_schedule, bucketed_response_nll, fit
 

@@ -110,7 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def best_of_n(policy, tokenizer, prompts: list[str], reward_fn, n: int, sampling, seed: int, batch_size: int) -> list[dict]:
     """For each prompt: n sampled responses, their rewards, sorted best first."""
-    from rlhf.evaluation import generate_text
+    from rlhf.sampling import generate_text
 
     rows = [p for p in prompts for _ in range(n)]  # each prompt's n samples side by side
     generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
@@ -127,7 +127,7 @@ def best_of_n(policy, tokenizer, prompts: list[str], reward_fn, n: int, sampling
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from rlhf.checkpoint import load_policy
+    from rlhf.models import load_policy
     from rlhf.reward import import_dotted, load_reward_model, model_reward_fn
     from rlhf.sampling import SamplingConfig
 

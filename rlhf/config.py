@@ -17,8 +17,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlhf.errors import ConfigError
-from rlhf.lora import LoRAConfig
-from rlhf.model import ModelConfig
+from rlhf.models import LoRAConfig, ModelConfig
 from rlhf.tasks import TaskConfig
 
 # settings of where and how a run executes, not of what it trains: a run continues under other
@@ -43,7 +42,7 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
-    # which parameters train (applied to the policy by the orchestrator: rlhf/freezing.py)
+    # which parameters train (applied to the policy by the orchestrator: rlhf/models/freezing.py)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train_last_n_layers: Optional[int] = None  # None trains every layer
 
@@ -54,7 +53,7 @@ class TrainerConfig:
 
     accelerator: str = "auto"
     devices: Any = 1
-    strategy: str = "auto"  # a Lightning strategy name, or fsdp: the policy sharded per block (rlhf/fsdp.py)
+    strategy: str = "auto"  # a Lightning strategy name, or fsdp: the policy sharded per block (rlhf/models/fsdp.py)
     num_nodes: int = 1
     precision: str = "32-true"
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints

@@ -69,30 +69,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from rlhf.sampling import SamplingConfig, encode_prompt, generate
-
-
-def generate_responses(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> tuple[list[str], list[bool]]:
-    """Responses (EOS stripped) to `prompts`, batched, with the KV cache, and whether each one
-    finished (ended with EOS) rather than being cut off at cfg.max_new_tokens."""
-    responses: list[str] = []
-    finished: list[bool] = []
-    batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc="generating", leave=False, disable=not progress):
-        chunk = prompts[start : start + batch_size]
-        gen = generate(policy, [encode_prompt(tokenizer, p) for p in chunk], cfg, tokenizer.eos_id, tokenizer.pad_id, generator)
-        for ids in gen.response_ids():
-            done = bool(ids) and ids[-1] == tokenizer.eos_id
-            responses.append(tokenizer.decode(ids[:-1] if done else ids))
-            finished.append(done)
-    return responses, finished
-
-
-def generate_text(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> list[str]:
-    """Responses (EOS stripped) to `prompts`, batched, with the KV cache."""
-    return generate_responses(policy, tokenizer, prompts, cfg, batch_size, generator, progress)[0]
+from rlhf.sampling import SamplingConfig, generate_text
 
 
 @torch.no_grad()
@@ -278,9 +256,9 @@ def evaluate_stage(
     Raises ConfigError for a dir that is not a stage of a run or asks for more prompts than exist."""
     from omegaconf import OmegaConf
 
-    from rlhf.checkpoint import load_policy
     from rlhf.config import EvalConfig
     from rlhf.errors import ConfigError
+    from rlhf.models import load_policy
     from rlhf.tasks import TaskConfig, build_task
 
     stage_dir = Path(stage_dir)

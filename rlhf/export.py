@@ -30,8 +30,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from rlhf import checkpoint
 from rlhf.errors import ConfigError, RLHFError
+from rlhf.files import MARKER, is_complete
+from rlhf.models import HFCausalLM, ModelConfig, build_model, load_hf_model, load_hf_tokenizer, load_policy, load_tokenizer, load_weights
 
 FORMAT = "rlhf"
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
@@ -40,15 +41,11 @@ HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
 def _model_config(stage_dir: Path):
     from omegaconf import OmegaConf
 
-    from rlhf.model import ModelConfig
-
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(stage_dir / "model.yaml")))
 
 
 def _write_trunk(model: nn.Module, tokenizer, model_cfg, folder: Path) -> None:
     """The LM itself: save_pretrained for the HF backend, safetensors + config + tokenizer otherwise."""
-    from rlhf.hf_backend import HFCausalLM
-
     if isinstance(model, HFCausalLM):
         model.model.save_pretrained(str(folder))
         hf_tokenizer = tokenizer.to_transformers()
@@ -67,13 +64,13 @@ def export_stage(stage_dir: str | Path, out: str | Path, what: str = "policy") -
     stage_dir, out = Path(stage_dir), Path(out)
     if what not in ("policy", "reward_model"):
         raise ConfigError(f"--what {what!r} is not one of: policy, reward_model")
-    if not checkpoint.is_complete(stage_dir):
-        raise RLHFError(f"{stage_dir}: not a complete stage dir (no {checkpoint.MARKER} marker)")
+    if not is_complete(stage_dir):
+        raise RLHFError(f"{stage_dir}: not a complete stage dir (no {MARKER} marker)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: already exists; choose a new folder or remove it")
     model_cfg = _model_config(stage_dir)
     if what == "policy":
-        model, tokenizer = checkpoint.load_policy(stage_dir)
+        model, tokenizer = load_policy(stage_dir)
         trunk, head = model, None
     else:
         from rlhf.reward import load_reward_model
@@ -103,25 +100,18 @@ def export_stage(stage_dir: str | Path, out: str | Path, what: str = "policy") -
 
 def load_exported(folder: str | Path):
     """(model, tokenizer) from an exported folder: an `rlhf.reward.RewardModel` if it holds a
-    reward head, else the policy (`rlhf.model.CausalLM` or `rlhf.hf_backend.HFCausalLM`)."""
-    from rlhf.model import ModelConfig
-
+    reward head, else the policy (`rlhf.models.CausalLM` or `rlhf.models.HFCausalLM`)."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{folder}: not an exported model folder (no config.json)")
     config = json.loads(config_path.read_text())
     if config.get("format") == FORMAT:
-        from rlhf.data.tokenizer import load_tokenizer
-        from rlhf.model import build_model
-
         tokenizer = load_tokenizer(folder / "tokenizer.json")
         model_cfg = ModelConfig(**config["model"])
         model = build_model(model_cfg, int(config["vocab_size"]))
-        checkpoint.load_weights(model, folder / "model.safetensors")
+        load_weights(model, folder / "model.safetensors")
     else:  # a save_pretrained folder
-        from rlhf.hf_backend import load_hf_model, load_hf_tokenizer
-
         model_cfg = ModelConfig(backend="hf", path=str(folder))
         model, tokenizer = load_hf_model(model_cfg), load_hf_tokenizer(model_cfg)
     if (folder / HEAD_CONFIG).is_file():
@@ -129,7 +119,7 @@ def load_exported(folder: str | Path):
 
         spec = json.loads((folder / HEAD_CONFIG).read_text())
         reward_model = RewardModel(model, num_bins=int(spec["num_bins"]))
-        checkpoint.load_weights(reward_model.head, folder / HEAD_WEIGHTS)
+        load_weights(reward_model.head, folder / HEAD_WEIGHTS)
         return reward_model.eval(), tokenizer
     return model.eval(), tokenizer
 

@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from rlhf.errors import ConfigError
+from rlhf.sampling import SamplingConfig, generate_text
 
 # The built-in judge writes its checks (if any), then `score: N`; the first `score:` counts.
 DEFAULT_SCORE_REGEX = r"score: ?(-?\d+(?:\.\d+)?)"
@@ -186,9 +187,6 @@ def judge(
     cfg.num_samples times itself; verdict j of every candidate of that prompt uses answer j.
     A greedy judge (temperature 0) generates once per distinct filled template and shares
     that verdict among its repeats."""
-    from rlhf.evaluation import generate_text
-    from rlhf.sampling import SamplingConfig
-
     template = cfg.resolved_template()
     pattern = validate_regex(cfg.score_regex)
     j = cfg.num_samples
@@ -289,8 +287,6 @@ def evaluate_judge(
     parse failure rate is reported.
     Returns the metrics and one row per candidate (prompt, response, judge texts, scores).
     """
-    from rlhf.evaluation import generate_text
-
     repeated = [p for p in prompts for _ in range(num_candidates)]
     responses = generate_text(policy, tokenizer, repeated, sampling, batch_size, generator)
     judged = judge(policy, tokenizer, repeated, responses, cfg, generator, batch_size)

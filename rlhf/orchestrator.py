@@ -17,12 +17,11 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf import checkpoint, fsdp
+from rlhf import files
 from rlhf.config import ENVIRONMENT_KEYS, flat_config, typed_run_config, typed_stage_config
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.evaluation import evaluate_policy
-from rlhf.freezing import finish_trainable, prepare_trainable
-from rlhf.model import build_model
+from rlhf.models import build_model, finish_trainable, fsdp, load_hf_tokenizer, load_weights, prepare_trainable, save_model_files, save_weights
 from rlhf.stage_context import StageContext
 from rlhf.stages import stage_kinds
 from rlhf.tasks import build_task
@@ -34,8 +33,6 @@ log = logging.getLogger("rlhf")
 def build_tokenizer(cfg: DictConfig, task):
     """The Hugging Face backend brings its own tokenizer; otherwise the task's."""
     if cfg.model.backend == "hf":
-        from rlhf.hf_backend import load_hf_tokenizer
-
         return load_hf_tokenizer(cfg.model)
     return task.tokenizer
 
@@ -120,7 +117,7 @@ def check_same_run(run_dir: Path, cfg: DictConfig, resuming: bool = False) -> No
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return
-    open_slots = [slot for i, slot in enumerate(cfg.order) if not checkpoint.is_complete(Path(run_dir) / "stages" / f"{i:02d}_{slot}")]
+    open_slots = [slot for i, slot in enumerate(cfg.order) if not files.is_complete(Path(run_dir) / "stages" / f"{i:02d}_{slot}")]
     changed = [
         c for c in config_changes(typed_run_config(OmegaConf.load(path)), cfg)
         if not (resuming and c.startswith(tuple(f"stages.{slot}." for slot in open_slots)))
@@ -172,12 +169,12 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
         torch.set_num_threads(cfg.trainer.num_threads)
     run_dir = Path(run_dir)
     check_same_run(run_dir, cfg, resuming)  # before anything is written: a run dir's record never lies
-    task = build_task(cfg.task, run_dir)
+    task = build_task(cfg.task, run_dir, global_rank())
     tokenizer = build_tokenizer(cfg, task)
     torch.manual_seed(cfg.seed)
     policy = build_model(cfg.model, tokenizer.vocab_size)
     if global_rank() == 0:
-        checkpoint.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        files.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
     kinds = stage_kinds()
     completed: dict[str, Path] = {}
@@ -186,14 +183,14 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
     for index, slot in enumerate(cfg.order):
         stage_cfg = stage_cfgs[slot]
         stage_dir = run_dir / "stages" / f"{index:02d}_{slot}"
-        if checkpoint.is_complete(stage_dir):
+        if files.is_complete(stage_dir):
             log.info("stage %s: complete on disk, skipped", slot)
             completed[slot] = stage_dir
             weights_to_load = stage_dir / "policy.safetensors"
-            results[slot] = checkpoint.read_json(stage_dir / "metrics.json")
+            results[slot] = files.read_json(stage_dir / "metrics.json")
             continue
         if weights_to_load is not None:
-            checkpoint.load_weights(policy, weights_to_load)
+            load_weights(policy, weights_to_load)
             weights_to_load = None
         log.info("stage %s (%s): starting in %s", slot, stage_cfg.kind, stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +200,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
             cfg=stage_cfg,
             run_cfg=cfg,
             stage_dir=stage_dir,
-            policy=prepare_trainable(policy, stage_cfg),  # LoRA / last-N layers (rlhf/freezing.py)
+            policy=prepare_trainable(policy, stage_cfg),  # LoRA / last-N layers (rlhf/models/freezing.py)
             task=task,
             tokenizer=tokenizer,
             seed=mix_seed(cfg.seed, slot),
@@ -215,22 +212,22 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
         except BaseException:  # an error or Ctrl-C: wandb's closing lines come before ours, not after
             finish_logger(logger, exit_code=1)
             raise
-        # trainer.strategy=fsdp: every rank gathers the whole weights into a plain model (rlhf/fsdp.py)
+        # trainer.strategy=fsdp: every rank gathers the whole weights into a plain model (rlhf/models/fsdp.py)
         policy = fsdp.gather_policy(result.policy, lambda: build_model(cfg.model, tokenizer.vocab_size))
         policy = finish_trainable(policy, stage_cfg, stage_dir, global_rank() == 0)  # merge LoRA
         metrics = dict(result.metrics)
         if global_rank() == 0:
             eval_metrics, samples = evaluate_policy(policy, task, tokenizer, cfg.eval, progress=cfg.trainer.progress_bar)
             metrics.update(eval_metrics)
-            checkpoint.save_weights(policy, stage_dir / "policy.safetensors")
-            checkpoint.save_model_files(stage_dir, cfg.model, tokenizer)
-            checkpoint.write_text(stage_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(stage_cfg)))
-            checkpoint.write_jsonl(stage_dir / "samples.jsonl", samples)
-            checkpoint.write_json(stage_dir / "metrics.json", metrics)
+            save_weights(policy, stage_dir / "policy.safetensors")
+            save_model_files(stage_dir, cfg.model, tokenizer)
+            files.write_text(stage_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(stage_cfg)))
+            files.write_jsonl(stage_dir / "samples.jsonl", samples)
+            files.write_json(stage_dir / "metrics.json", metrics)
             if logger is not None:
                 logger.log_metrics(eval_metrics)
                 logger.log_text(key="eval/samples", columns=["prompt", "response", "score"], data=[[s["prompt"], s["response"], s["score"]] for s in samples])
-            checkpoint.mark_complete(stage_dir)
+            files.mark_complete(stage_dir)
             shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
             log.info("stage %s: done %s", slot, {k: round(v, 4) for k, v in eval_metrics.items()})
         _barrier()

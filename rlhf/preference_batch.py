@@ -66,15 +66,13 @@ def needs_reference(cfg: PreferenceLossConfig) -> bool:
 
 
 def starting_reference(ctx):
-    """A frozen copy of the stage's starting weights (`rlhf.model.frozen_copy`). With LoRA
+    """A frozen copy of the stage's starting weights (`rlhf.models.frozen_copy`). With LoRA
     adapters injected into the policy it copies the base weights: fresh adapters are zero,
     so the function is the same, and the copy is a plain model."""
-    from rlhf.model import frozen_copy
+    from rlhf.models import base_state_dict, frozen_copy
 
     lora = getattr(ctx.cfg, "lora", None)
     if lora is not None and lora.enabled:
-        from rlhf.lora import base_state_dict
-
         ref = ctx.new_model()
         ref.load_state_dict(base_state_dict(ctx.policy))
         return ref.requires_grad_(False).eval()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rlhf import checkpoint
+from rlhf import files
 from rlhf.errors import RLHFError
 
 # (metrics.json key, column title) of the table's default columns; pass@k and best-of-k
@@ -115,8 +115,8 @@ def read_run(path: str | Path) -> Run:
             from omegaconf import OmegaConf
 
             kind = str(OmegaConf.load(stage_dir / "config.yaml").get("kind", "?"))
-        complete = checkpoint.is_complete(stage_dir)
-        metrics = checkpoint.read_json(stage_dir / "metrics.json") if complete and (stage_dir / "metrics.json").exists() else {}
+        complete = files.is_complete(stage_dir)
+        metrics = files.read_json(stage_dir / "metrics.json") if complete and (stage_dir / "metrics.json").exists() else {}
         stages.append(Stage(slot, kind, complete, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, reward_vs_verifier=read_reward_vs_verifier(stage_dir)))
     if not stages:
         raise RLHFError(f"{path}: the run has no stages yet")
@@ -261,7 +261,7 @@ def plot(runs: list[Run], path: Path) -> Optional[Path]:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with checkpoint.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

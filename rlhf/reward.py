@@ -62,9 +62,7 @@ def truncate(prompt: list[int], response: list[int], max_len: Optional[int]) -> 
 
 def load_reward_model(stage_dir: str | Path) -> tuple[RewardModel, object]:
     """(reward model, tokenizer) from a complete `reward_model` stage dir."""
-    from rlhf import checkpoint
-    from rlhf.data.tokenizer import load_tokenizer
-    from rlhf.model import ModelConfig, build_model
+    from rlhf.models import ModelConfig, build_model, load_tokenizer, load_weights
 
     stage_dir = Path(stage_dir)
     if not (stage_dir / "reward_model.safetensors").exists():
@@ -74,16 +72,17 @@ def load_reward_model(stage_dir: str | Path) -> tuple[RewardModel, object]:
     tokenizer = load_tokenizer(stage_dir / "tokenizer.json")
     max_len = head.get("max_len")
     model = RewardModel(build_model(model_cfg, tokenizer.vocab_size), num_bins=int(head.num_bins), max_len=max_len and int(max_len))
-    checkpoint.load_weights(model, stage_dir / "reward_model.safetensors")
+    load_weights(model, stage_dir / "reward_model.safetensors")
     return model.eval(), tokenizer
 
 
 def save_reward_model(model: RewardModel, stage_dir: str | Path) -> None:
-    from rlhf import checkpoint
+    from rlhf.files import write_text
+    from rlhf.models import save_weights
 
-    checkpoint.save_weights(model, Path(stage_dir) / "reward_model.safetensors")
+    save_weights(model, Path(stage_dir) / "reward_model.safetensors")
     text = f"num_bins: {model.num_bins}\n" + (f"max_len: {model.max_len}\n" if model.max_len else "")
-    checkpoint.write_text(Path(stage_dir) / "reward_model.yaml", text)
+    write_text(Path(stage_dir) / "reward_model.yaml", text)
 
 
 def import_dotted(path: str):

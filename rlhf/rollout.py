@@ -271,6 +271,6 @@ def mean_over_ranks(module, metrics: dict[str, float]) -> dict[str, float]:
 
 def write_history(stage_dir: Path, history: list[dict]) -> None:
     """Per-rollout metrics, one JSON line per rollout, rewritten atomically (rank 0)."""
-    from rlhf.checkpoint import write_jsonl
+    from rlhf.files import write_jsonl
 
     write_jsonl(Path(stage_dir) / "rollout_metrics.jsonl", history)

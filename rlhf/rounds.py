@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from rlhf import checkpoint
+from rlhf import files
 from rlhf.data.examples import PreferencePair
 from rlhf.preference_batch import collate_pairs, encode_pair, heldout_eval, log_now, reference_logprobs
 from rlhf.training import check_finite, mix_seed
@@ -79,7 +79,7 @@ def load_or_make(path: Path, make_rows: Callable[[], list[dict]], is_global_zero
         return read_round_rows(path), True
     rows = make_rows()
     if is_global_zero:
-        checkpoint.write_jsonl(path, rows)
+        files.write_jsonl(path, rows)
     return rows, False
 
 

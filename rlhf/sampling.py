@@ -4,7 +4,8 @@ Prompts of different lengths are left-padded and the model is told where each ro
 real tokens start (`seq_start_pos`), so padding never changes a row's output. The
 log-probs returned are those of the distribution actually sampled from (after
 temperature, top-k and top-p): with temperature 1 and no filter that is the policy's
-own distribution, which is what on-policy RL needs.
+own distribution, which is what on-policy RL needs. `generate_responses` and `generate_text`
+answer text prompts with decoded text, in batches (evaluation, the judge, stages that sample).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhf.data.token_store import TokenStore, encode_texts, store_rows
 
@@ -211,3 +213,22 @@ def join_prompt_response(
     return tokens.to(device), mask.to(device)
 
 
+def generate_responses(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> tuple[list[str], list[bool]]:
+    """Responses (EOS stripped) to `prompts`, batched, with the KV cache, and whether each one
+    finished (ended with EOS) rather than being cut off at cfg.max_new_tokens."""
+    responses: list[str] = []
+    finished: list[bool] = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="generating", leave=False, disable=not progress):
+        chunk = prompts[start : start + batch_size]
+        gen = generate(policy, [encode_prompt(tokenizer, p) for p in chunk], cfg, tokenizer.eos_id, tokenizer.pad_id, generator)
+        for ids in gen.response_ids():
+            done = bool(ids) and ids[-1] == tokenizer.eos_id
+            responses.append(tokenizer.decode(ids[:-1] if done else ids))
+            finished.append(done)
+    return responses, finished
+
+
+def generate_text(policy, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int, generator=None, progress=False) -> list[str]:
+    """Responses (EOS stripped) to `prompts`, batched, with the KV cache."""
+    return generate_responses(policy, tokenizer, prompts, cfg, batch_size, generator, progress)[0]

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from rlhf.errors import ConfigError
-from rlhf.model import build_model
+from rlhf.models import build_model
 from rlhf.training import fit, global_rank
 
 

@@ -22,8 +22,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
-from rlhf import fsdp
 from rlhf.errors import TrainingError
+from rlhf.models import fsdp
 
 
 def mix_seed(*parts: Any) -> int:
@@ -292,7 +292,7 @@ class NLLModule(L.LightningModule):
         self.policy, self.stage_cfg, self.slot = policy, stage_cfg, slot
 
     def configure_model(self):
-        fsdp.shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        fsdp.shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
     def training_step(self, batch, batch_idx):
         tokens, mask = batch

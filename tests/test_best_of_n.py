@@ -8,9 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rlhf import best_of_n, checkpoint
+from rlhf import best_of_n
 from rlhf.cli import main as cli_main
-from rlhf.model import ModelConfig, build_model
+from rlhf.files import mark_complete
+from rlhf.models import ModelConfig, build_model, save_model_files, save_weights
 from rlhf.reward import RewardModel, load_reward_model, model_reward_fn, save_reward_model
 from rlhf.tasks import TaskConfig
 from rlhf.tasks.builtin import BuiltinTask
@@ -26,12 +27,12 @@ def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
 def write_stage(stage_dir, module) -> None:
     """A complete stage dir holding `module` (an untrained policy or reward model)."""
     tok = BuiltinTask(TaskConfig()).tokenizer
-    checkpoint.save_model_files(stage_dir, OmegaConf.structured(MODEL), tok)
+    save_model_files(stage_dir, OmegaConf.structured(MODEL), tok)
     if isinstance(module, RewardModel):
         save_reward_model(module, stage_dir)
     else:
-        checkpoint.save_weights(module, stage_dir / "policy.safetensors")
-    checkpoint.mark_complete(stage_dir)
+        save_weights(module, stage_dir / "policy.safetensors")
+    mark_complete(stage_dir)
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_every_recipe_composes_and_validates():
 
 
 def test_compile_is_only_for_the_x_transformers_backend():
-    from rlhf.model import ModelConfig, build_model
+    from rlhf.models import ModelConfig, build_model
 
     with pytest.raises(ConfigError, match="model.compile"):
         build_model(ModelConfig(backend="hf", path="/nonexistent", compile=True), vocab_size=10)

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer (rlhf.data.bpe)."""
+"""Byte-level BPE tokenizer (rlhf.models.bpe)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.data.bpe import BPETokenizer
-from rlhf.data.tokenizer import load_tokenizer
 from rlhf.errors import ConfigError, DataError
+from rlhf.models import BPETokenizer, load_tokenizer
 
 HH_DIR = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf"
 

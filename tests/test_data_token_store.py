@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf.data.token_store import encode_texts, store_rows
-from rlhf.data.tokenizer import CharTokenizer
+from rlhf.models import CharTokenizer
 
 ROWS = [([], [5, 6, 1], [7, 1]), ([2, 3], [300, 1], [4, 4, 4, 1]), ([9], [8], [])]  # an empty prompt, a big id, an empty field
 

@@ -16,8 +16,7 @@ from omegaconf import OmegaConf
 
 from rlhf.config import typed_run_config, typed_stage_config
 from rlhf.data.examples import PreferencePair, SFTExample
-from rlhf.data.tokenizer import CharTokenizer
-from rlhf.model import ModelConfig, build_model
+from rlhf.models import CharTokenizer, ModelConfig, build_model
 from rlhf.preference_batch import (
     EncodedPair,
     PreferenceLossConfig,
@@ -180,7 +179,7 @@ def test_file_data_and_reference_free_loss(tmp_path):
 
 def test_lora_policy_gets_a_plain_reference_of_its_base_weights(tmp_path):
     pytest.importorskip("peft")
-    from rlhf.freezing import prepare_trainable
+    from rlhf.models import prepare_trainable
 
     ctx = make_ctx(tmp_path, max_steps=2, batch_size=4, lr=1e-2, eval_every=0, lora={"enabled": True, "rank": 2})
     ctx.policy = prepare_trainable(ctx.policy, ctx.cfg)
@@ -232,7 +231,7 @@ def test_cli_dpo_under_two_process_ddp(tmp_path):
 def test_shared_prompt_packing_gives_the_two_row_log_probs_and_gradients():
     """prompt | chosen | rejected in one row (the rejected tokens see the prompt, not the chosen
     ones; their positions restart after the prompt) equals the plain two-row layout."""
-    from rlhf.model import CausalLM, ModelConfig
+    from rlhf.models import CausalLM, ModelConfig
     from rlhf.preference_batch import EncodedPair, collate_pairs, pack_pairs, pair_logprobs, shared_prompt_forward
 
     torch.manual_seed(0)
@@ -255,7 +254,7 @@ def test_shared_prompt_packing_gives_the_two_row_log_probs_and_gradients():
 def test_an_empty_prompt_opens_with_one_token_and_every_layout_agrees():
     """No token before the response would leave its first token unscored: an empty prompt is
     one BOS (our tokenizers: the EOS) in SFT, both DPO layouts and generation alike."""
-    from rlhf.model import CausalLM, ModelConfig
+    from rlhf.models import CausalLM, ModelConfig
     from rlhf.preference_batch import pack_pairs, shared_prompt_forward
     from rlhf.sampling import encode_examples, encode_prompt
 

@@ -11,31 +11,41 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
 
-from rlhf import checkpoint  # noqa: E402
 from rlhf.errors import ConfigError, RLHFError  # noqa: E402
 from rlhf.export import export_stage, load_exported  # noqa: E402
-from rlhf.hf_backend import HFCausalLM, load_hf_model, load_hf_tokenizer, make_tiny_checkpoint  # noqa: E402
-from rlhf.model import CausalLM, ModelConfig, decode_cached  # noqa: E402
+from rlhf.files import mark_complete, write_text  # noqa: E402
+from rlhf.models import (  # noqa: E402
+    CausalLM,
+    HFCausalLM,
+    ModelConfig,
+    load_hf_model,
+    load_hf_tokenizer,
+    load_policy,
+    make_tiny_checkpoint,
+    save_model_files,
+    save_weights,
+)
+from rlhf.models.xtransformers import decode_cached  # noqa: E402
 from rlhf.reward import RewardModel, save_reward_model  # noqa: E402
 from rlhf.sampling import SamplingConfig, generate, join_prompt_response  # noqa: E402
 from rlhf.tasks import TaskConfig  # noqa: E402
-from rlhf.tasks.builtin import BuiltinTask  # noqa: E402
+from rlhf.tasks.builtin import BuiltinTask, solved_texts  # noqa: E402
 
 PROMPTS = ["sort: qwhfkdmz\n", "add: 48213+937\n", "sort: ab\n"]
 
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("hf") / "gpt2")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("hf") / "gpt2", solved_texts())
 
 
 def _write_stage(stage_dir, model, model_cfg, tok, reward_model=None):
     stage_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_weights(model, stage_dir / "policy.safetensors")
+    save_weights(model, stage_dir / "policy.safetensors")
     if reward_model is not None:
         save_reward_model(reward_model, stage_dir)
-    checkpoint.save_model_files(stage_dir, OmegaConf.structured(model_cfg), tok)
-    checkpoint.mark_complete(stage_dir)
+    save_model_files(stage_dir, OmegaConf.structured(model_cfg), tok)
+    mark_complete(stage_dir)
     return stage_dir
 
 
@@ -163,7 +173,7 @@ def test_a_compiled_run_saves_weights_that_load_uncompiled(tmp_path):
     tok = BuiltinTask(TaskConfig()).tokenizer
     stage = _write_stage(tmp_path / "stage", CausalLM(ModelConfig(dim=32, depth=2, heads=2, max_seq_len=64), tok.vocab_size), cfg, tok)
     assert OmegaConf.load(stage / "model.yaml").compile is False
-    model, _ = checkpoint.load_policy(stage)
+    model, _ = load_policy(stage)
     assert model.decode_fn is decode_cached and model.net._compiled_call_impl is None
 
 
@@ -171,19 +181,18 @@ def test_written_files_follow_the_umask(tmp_path):
     """Temporary files renamed into place keep the mode a new file gets, not mkstemp's 0600."""
     import os
 
-    from rlhf import checkpoint
     from rlhf.feedback.candidates import atomic_write_lines
 
     old = os.umask(0o022)
     try:
-        checkpoint.write_text(tmp_path / "a.txt", "x")
+        write_text(tmp_path / "a.txt", "x")
         atomic_write_lines(tmp_path / "b.jsonl", ["{}"])
-        checkpoint.save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")  # safetensors writes a file of its own
+        save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")  # safetensors writes a file of its own
         assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
         assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
         assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o644
         os.umask(0o077)
-        checkpoint.write_text(tmp_path / "c.txt", "x")
+        write_text(tmp_path / "c.txt", "x")
         assert (tmp_path / "c.txt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from rlhf.config import typed_run_config, typed_stage_config
 from rlhf.errors import DataError
-from rlhf.model import build_model
+from rlhf.models import build_model
 from rlhf.stage_context import StageContext
 from rlhf.stages import external_reward_dpo as erdpo
 from rlhf.stages import stage_kinds

@@ -9,11 +9,10 @@ import pytest
 pytest.importorskip("torch")
 from omegaconf import OmegaConf  # noqa: E402
 
-from rlhf.checkpoint import mark_complete, save_model_files, save_weights  # noqa: E402
-from rlhf.data.tokenizer import CharTokenizer  # noqa: E402
 from rlhf.feedback import cli  # noqa: E402
 from rlhf.feedback.candidates import load_candidates, make_items, sample_candidates  # noqa: E402
-from rlhf.model import ModelConfig, build_model  # noqa: E402
+from rlhf.files import mark_complete  # noqa: E402
+from rlhf.models import CharTokenizer, ModelConfig, build_model, save_model_files, save_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from rlhf.errors import ConfigError
-from rlhf.freezing import prepare_trainable, train_last_n_layers
-from rlhf.model import CausalLM, ModelConfig
+from rlhf.models import CausalLM, ModelConfig, prepare_trainable, train_last_n_layers
 
 VOCAB = 40
 
@@ -79,7 +78,7 @@ def test_negative_n_is_a_config_error():
 
 def test_prepare_trainable_resets_flags_and_combines_with_lora():
     pytest.importorskip("peft")
-    from rlhf.lora import LoRAConfig
+    from rlhf.models import LoRAConfig
 
     class Stage:  # the two shared StageConfig fields
         lora = LoRAConfig(enabled=True, rank=2)

@@ -16,17 +16,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY, run_cli
-from rlhf.checkpoint import load_policy
 from rlhf.cli import compose
 from rlhf.errors import ConfigError
-from rlhf.model import CausalLM, ModelConfig
+from rlhf.models import CausalLM, ModelConfig, load_policy
 from rlhf.orchestrator import run_recipe
 
 
 def test_blocks_are_a_layers_attention_and_feed_forward():
     from x_transformers.x_transformers import Attention, FeedForward
 
-    from rlhf.fsdp import transformer_blocks
+    from rlhf.models import transformer_blocks
 
     blocks = transformer_blocks(CausalLM(ModelConfig(dim=16, depth=3, heads=2), 20))
     assert [[type(m) for m in b] for b in blocks] == [[Attention, FeedForward]] * 3
@@ -49,7 +48,7 @@ def test_what_cannot_run_sharded_fails_before_training(tmp_path, overrides, mess
 def test_a_stage_kind_that_cannot_shard_is_named():
     from types import SimpleNamespace
 
-    from rlhf.fsdp import check_config
+    from rlhf.models.fsdp import check_config
 
     trainer = SimpleNamespace(strategy="fsdp", accelerator="cpu")
     stage = SimpleNamespace(kind="my_stage", lora=SimpleNamespace(enabled=False))

@@ -7,8 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.config import RunConfig, typed_run_config, typed_stage_config
-from rlhf.freezing import prepare_trainable
-from rlhf.model import build_model
+from rlhf.models import build_model, prepare_trainable
 from rlhf.stage_context import StageContext
 from rlhf.stages import grpo
 from rlhf.tasks import build_task

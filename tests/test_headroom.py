@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import rlhf.evaluation
+import rlhf.judge
 from rlhf.config import EvalConfig, typed_run_config
 from rlhf.errors import ConfigError
 from rlhf.evaluation import best_of_k, evaluate_policy, headroom_metrics, pass_at_k, run_judge_config, sample_scores
@@ -147,7 +148,7 @@ def test_evaluate_policy_adds_headroom_with_a_seeded_sampler(monkeypatch):
 
 
 def tiny_policy_and_task():
-    from rlhf.model import ModelConfig, build_model
+    from rlhf.models import ModelConfig, build_model
 
     task = BuiltinTask(TaskConfig(num_eval_prompts=12))
     torch.manual_seed(0)
@@ -199,7 +200,7 @@ def test_evaluate_judge_calibration_and_agreement_per_family(monkeypatch):
             return [verdict[t.split("|")[1].strip()] for t in texts]
         return [candidates[p][i % 3] for i, p in enumerate(texts)]
 
-    monkeypatch.setattr(rlhf.evaluation, "generate_text", fake_generate_text)
+    monkeypatch.setattr(rlhf.judge, "generate_text", fake_generate_text)
     cfg = JudgeConfig(template="{prompt}|{response}\n", num_samples=1)
     metrics, rows = evaluate_judge(None, None, FamilyTask(verifier), list(candidates), 3, SamplingConfig(), cfg)
     assert [r["verifier"] for r in rows] == [1.0, 0.3, 0.1, 1.0, 0.6, 0.0]
@@ -219,8 +220,8 @@ def test_evaluate_judge_calibration_and_agreement_per_family(monkeypatch):
 
 def tiny_run(root):
     """A finished one-stage run made by hand (random tiny weights): what the CLI reads."""
-    from rlhf import checkpoint
-    from rlhf.model import ModelConfig
+    from rlhf.files import mark_complete, write_text
+    from rlhf.models import ModelConfig, save_model_files, save_weights
 
     policy, task = tiny_policy_and_task()
     run = root / "run"
@@ -230,11 +231,11 @@ def tiny_run(root):
         "task": {"num_eval_prompts": 12},
         "eval": {"num_prompts": 6, "max_new_tokens": 6, "batch_size": 64, "samples_per_prompt": 4, "sample_prompts": 5},
     }
-    checkpoint.write_text(run / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    write_text(run / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
     stage = run / "stages" / "00_sft"
-    checkpoint.save_weights(policy, stage / "policy.safetensors")
-    checkpoint.save_model_files(stage, OmegaConf.structured(ModelConfig(dim=32, depth=2, heads=2, max_seq_len=128)), task.tokenizer)
-    checkpoint.mark_complete(stage)
+    save_weights(policy, stage / "policy.safetensors")
+    save_model_files(stage, OmegaConf.structured(ModelConfig(dim=32, depth=2, heads=2, max_seq_len=128)), task.tokenizer)
+    mark_complete(stage)
     return run, stage
 
 

@@ -16,13 +16,25 @@ pytest.importorskip("transformers")
 
 from conftest import REPO, TINY  # noqa: E402
 
-from rlhf import checkpoint  # noqa: E402
-from rlhf.data.tokenizer import load_tokenizer  # noqa: E402
 from rlhf.errors import ConfigError  # noqa: E402
-from rlhf.hf_backend import HFCausalLM, HFTokenizer, load_hf_model, load_hf_tokenizer, make_tiny_checkpoint  # noqa: E402
+from rlhf.files import is_complete, mark_complete  # noqa: E402
 from rlhf.logprobs import response_logprobs, sequence_logprobs  # noqa: E402
-from rlhf.model import ModelConfig, build_model, frozen_copy  # noqa: E402
+from rlhf.models import (  # noqa: E402
+    HFCausalLM,
+    HFTokenizer,
+    ModelConfig,
+    build_model,
+    frozen_copy,
+    load_hf_model,
+    load_hf_tokenizer,
+    load_policy,
+    load_tokenizer,
+    make_tiny_checkpoint,
+    save_model_files,
+    save_weights,
+)
 from rlhf.sampling import SamplingConfig, generate, join_prompt_response  # noqa: E402
+from rlhf.tasks.builtin import solved_texts  # noqa: E402
 
 ARCHS = ["gpt2", "llama"]
 TEXTS = ["sort: qwhfkdmz\n", "add: 48213+937\n", "sort: ab\n", "judge add: 1+2\nanswer 3\nscore:", "a ,b  c!\n\t~{}"]
@@ -31,7 +43,7 @@ TEXTS = ["sort: qwhfkdmz\n", "add: 48213+937\n", "sort: ab\n", "judge add: 1+2\n
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {arch: make_tiny_checkpoint(root / arch, arch=arch) for arch in ARCHS}
+    return {arch: make_tiny_checkpoint(root / arch, solved_texts(), arch=arch) for arch in ARCHS}
 
 
 def _cfg(path) -> ModelConfig:
@@ -198,9 +210,9 @@ def test_tokenizer_matches_transformers_and_round_trips(checkpoints, tmp_path):
 
 
 def _write_stage(stage_dir, model, model_cfg, tok) -> None:
-    checkpoint.save_weights(model, stage_dir / "policy.safetensors")
-    checkpoint.save_model_files(stage_dir, OmegaConf.structured(model_cfg), tok)
-    checkpoint.mark_complete(stage_dir)
+    save_weights(model, stage_dir / "policy.safetensors")
+    save_model_files(stage_dir, OmegaConf.structured(model_cfg), tok)
+    mark_complete(stage_dir)
 
 
 def test_load_policy_rebuilds_an_hf_stage_with_tied_weights(checkpoints, tmp_path):
@@ -209,7 +221,7 @@ def test_load_policy_rebuilds_an_hf_stage_with_tied_weights(checkpoints, tmp_pat
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # "trained" weights, unlike the checkpoint's
     _write_stage(tmp_path, model, _cfg(checkpoints["gpt2"]), tok)
-    loaded, loaded_tok = checkpoint.load_policy(tmp_path)
+    loaded, loaded_tok = load_policy(tmp_path)
     assert isinstance(loaded, HFCausalLM) and isinstance(loaded_tok, HFTokenizer)
     inner = loaded.model
     assert inner.lm_head.weight is inner.transformer.wte.weight  # still tied after safetensors round trip
@@ -219,7 +231,7 @@ def test_load_policy_rebuilds_an_hf_stage_with_tied_weights(checkpoints, tmp_pat
 
 @pytest.mark.parametrize("arch, expected", [("gpt2", ["c_attn", "c_fc", "c_proj"]), ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])])
 def test_lora_default_targets_map_to_hf_layer_names(checkpoints, arch, expected):
-    from rlhf.lora import LoRAConfig, apply_lora, disabled_adapters, merge_lora
+    from rlhf.models import LoRAConfig, apply_lora, disabled_adapters, merge_lora
 
     model, _ = _load(checkpoints[arch])
     assert model.lora_targets() == expected
@@ -274,10 +286,10 @@ def test_hf_chain_sft_dpo_ppo_with_lora_via_cli(cli, checkpoints, tmp_path):
     stages = sorted(p.name for p in (run / "stages").iterdir())
     assert stages == ["00_sft", "01_dpo", "02_ppo"]
     for name in stages:
-        assert checkpoint.is_complete(run / "stages" / name)
+        assert is_complete(run / "stages" / name)
         assert "eval/task_score" in json.loads((run / "stages" / name / "metrics.json").read_text())
     assert all((run / "stages" / s / "lora_adapter.safetensors").exists() for s in ("01_dpo", "02_ppo"))
-    model, tok = checkpoint.load_policy(run / "stages" / "02_ppo")
+    model, tok = load_policy(run / "stages" / "02_ppo")
     assert isinstance(model, HFCausalLM) and isinstance(tok, HFTokenizer)
     # the policy the run handed on is a plain model (LoRA merged) that loads without peft layers
     assert not any(".lora_" in k for k in model.state_dict())

@@ -17,8 +17,8 @@ from rlhf.judge import (
     validate_regex,
     validate_template,
 )
+from rlhf.models import CharTokenizer
 from rlhf.tasks.builtin import ALPHABET, DEFAULT_JUDGE_TEMPLATE
-from rlhf.data.tokenizer import CharTokenizer
 
 SCORE = r"score:\s*(-?\d+(?:\.\d+)?)"  # an unanchored user regex
 
@@ -172,7 +172,7 @@ def test_judge_batches_samples_and_averages():
 
 
 def test_greedy_judge_generates_each_distinct_candidate_once(monkeypatch):
-    import rlhf.evaluation
+    import rlhf.judge
 
     calls = []
 
@@ -180,7 +180,7 @@ def test_greedy_judge_generates_each_distinct_candidate_once(monkeypatch):
         calls.append(list(texts))
         return ["score: 5" if "abc" in t else "score: 1" for t in texts]
 
-    monkeypatch.setattr(rlhf.evaluation, "generate_text", fake_generate_text)
+    monkeypatch.setattr(rlhf.judge, "generate_text", fake_generate_text)
     prompts, responses = ["sort: cba\n"] * 4 + ["sort: bca\n"], ["abc", "acb", "abc", "abc", "abc"]
     out = judge(None, None, prompts, responses, JudgeConfig(num_samples=2, temperature=0.0))
     assert calls == [["judge sort: cba\nanswer abc\n", "judge sort: cba\nanswer acb\n", "judge sort: bca\nanswer abc\n"]]
@@ -203,7 +203,7 @@ def test_pairwise_agreement():
 def test_reference_judge_shares_each_prompts_references(monkeypatch):
     """With {reference}, each distinct prompt gets num_samples answers from the judge first;
     verdict s of EVERY candidate of that prompt is judged against answer s."""
-    import rlhf.evaluation
+    import rlhf.judge
 
     calls = []
 
@@ -214,7 +214,7 @@ def test_reference_judge_shares_each_prompts_references(monkeypatch):
         # the verdicts: 5 when the response equals the reference, else 1
         return ["score: 5" if t.split("answer ")[1].split("\n")[0] == t.split("reference ")[1].split("\n")[0] else "score: 1" for t in texts]
 
-    monkeypatch.setattr(rlhf.evaluation, "generate_text", fake_generate_text)
+    monkeypatch.setattr(rlhf.judge, "generate_text", fake_generate_text)
     cfg = JudgeConfig(num_samples=2, template="{prompt}answer {response}\nreference {reference}\nscore:")
     prompts = ["sort: x\n", "sort: x\n", "sort: y\n"]
     out = judge(None, None, prompts, ["x0", "x1", "y1"], cfg)

@@ -71,7 +71,7 @@ def test_length_buckets_cut_where_padding_is_least():
 
 def test_bucketed_response_nll_equals_the_padded_batch():
     from rlhf.logprobs import response_nll
-    from rlhf.model import CausalLM, ModelConfig
+    from rlhf.models import CausalLM, ModelConfig
     from rlhf.sampling import join_prompt_response
     from rlhf.training import bucketed_response_nll
 

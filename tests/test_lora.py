@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from rlhf.lora import LoRAConfig, apply_lora, base_state_dict, disabled_adapters, has_lora, merge_lora, remove_lora
-from rlhf.model import CausalLM, ModelConfig
+from rlhf.models import CausalLM, LoRAConfig, ModelConfig, apply_lora, base_state_dict, disabled_adapters, has_lora, merge_lora, remove_lora
 from rlhf.sampling import SamplingConfig, generate
 
 pytest.importorskip("peft")

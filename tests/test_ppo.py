@@ -8,8 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.config import RunConfig, typed_run_config, typed_stage_config
-from rlhf.freezing import finish_trainable, prepare_trainable
-from rlhf.model import build_model
+from rlhf.models import build_model, finish_trainable, prepare_trainable
 from rlhf.rollout import eval_mode, policy_logprobs, rollout_generator, sample_rollout
 from rlhf.stage_context import StageContext
 from rlhf.stages import ppo
@@ -162,7 +161,7 @@ def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch):
 
 def test_lora_ppo_keeps_the_reference_at_the_starting_weights(tmp_path):
     pytest.importorskip("peft")
-    from rlhf.lora import disabled_adapters, has_lora
+    from rlhf.models import disabled_adapters, has_lora
 
     ctx = make_ctx(tmp_path, max_steps=3, lora={"enabled": True, "rank": 4}, **SMALL)
     assert has_lora(ctx.policy)

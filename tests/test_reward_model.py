@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import TINY
 from rlhf.config import CONF_DIR, register_configs
 from rlhf.errors import ConfigError
-from rlhf.model import ModelConfig, build_model
+from rlhf.models import ModelConfig, build_model
 from rlhf.reward import RewardModel, load_reward_model, model_reward_fn, truncate
 from rlhf.sampling import join_prompt_response
 from rlhf.stages import reward_model as rm_stage

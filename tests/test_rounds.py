@@ -3,11 +3,10 @@
 import torch
 
 from rlhf.data.examples import PreferencePair
-from rlhf.data.tokenizer import CharTokenizer
-from rlhf.evaluation import generate_responses
+from rlhf.models import CharTokenizer
 from rlhf.preference_batch import encode_pair
 from rlhf.rounds import RoundPairs, load_or_make, mark_finished, round_batches, round_path, row_pair
-from rlhf.sampling import SamplingConfig
+from rlhf.sampling import SamplingConfig, generate_responses
 from rlhf.tasks.builtin import ALPHABET
 
 TOK = CharTokenizer(ALPHABET)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf.logprobs import response_logprobs, sequence_logprobs
-from rlhf.model import CausalLM, ModelConfig, frozen_copy
+from rlhf.models import CausalLM, ModelConfig, frozen_copy
 from rlhf.sampling import SamplingConfig, filter_logits, generate, join_prompt_response
 
 PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]]
@@ -100,8 +100,8 @@ def test_frozen_copy_does_not_follow_training():
 def test_lean_cached_decoding_equals_the_library_forward():
     """CausalLM.decode_step's own cached path against x-transformers' full forward, left padded,
     past the cache's first capacity (it grows), with stacked q/k/v weights and, under LoRA, without."""
-    from rlhf.lora import LoRAConfig, apply_lora
-    from rlhf.model import CACHE_HEADROOM, CausalLM, ModelConfig
+    from rlhf.models import CausalLM, LoRAConfig, ModelConfig, apply_lora
+    from rlhf.models.xtransformers import CACHE_HEADROOM
 
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(dim=64, depth=2, heads=2, max_seq_len=128), 30).eval()
@@ -168,7 +168,7 @@ def test_one_truncation_rule_keeps_the_prompt_end_and_the_response_start():
 
 def test_sft_rows_longer_than_the_context_are_cut_and_counted():
     from rlhf.data.examples import SFTExample
-    from rlhf.data.tokenizer import CharTokenizer
+    from rlhf.models import CharTokenizer
     from rlhf.sampling import count_truncated, encode_examples
     from rlhf.tasks.builtin import ALPHABET
 

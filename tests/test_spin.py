@@ -12,7 +12,7 @@ from torch import nn
 from conftest import TINY
 from rlhf.config import typed_run_config, typed_stage_config
 from rlhf.errors import ConfigError, DataError
-from rlhf.model import build_model
+from rlhf.models import build_model
 from rlhf.stage_context import StageContext
 from rlhf.stages import spin
 from rlhf.tasks import build_task

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.data.bpe import BPETokenizer
 from rlhf.data.chat import PLAIN
 from rlhf.data.jsonl import read_preference_pairs, read_ratings, read_sft_examples, split_train_valid
 from rlhf.errors import DataError
+from rlhf.models import BPETokenizer
 from rlhf.preference_batch import collate_pairs, encode_pair, pack_pairs
 from rlhf.sampling import count_truncated, encode_examples
 from rlhf.stage_context import StageContext

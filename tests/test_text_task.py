@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from rlhf.data.bpe import BPETokenizer
 from rlhf.errors import ConfigError
+from rlhf.models import BPETokenizer
 from rlhf.tasks import TaskConfig, build_task
 from rlhf.tasks import text as text_task
 
@@ -92,7 +92,6 @@ def test_other_ranks_wait_for_rank_zeros_tokenizer(data, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     reference = build_task(cfg_for(data), tmp_path / "rank0")  # what rank 0 will write
-    monkeypatch.setattr(text_task, "global_rank", lambda: 1)
     monkeypatch.setattr(BPETokenizer, "train", classmethod(lambda *a, **k: pytest.fail("rank 1 trained")))
 
     def rank_zero_writes_later():
@@ -101,7 +100,7 @@ def test_other_ranks_wait_for_rank_zeros_tokenizer(data, tmp_path, monkeypatch):
 
     writer = threading.Thread(target=rank_zero_writes_later)
     writer.start()
-    task = build_task(cfg_for(data), run_dir)
+    task = build_task(cfg_for(data), run_dir, rank=1)
     writer.join()
     assert task.tokenizer.encode("owls and tea") == reference.tokenizer.encode("owls and tea")
 

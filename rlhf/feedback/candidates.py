@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import DataError
+from rlhf.files import new_file_mode
 
 MODES = ("compare", "rate")
 
@@ -135,9 +136,7 @@ def write_candidates(path: str | os.PathLike, candidates: Iterable[Candidate]) -
 def atomic_write_lines(path: Path, lines: Iterable[str]) -> int:
     """Write `lines` (one per line) to `path` via a fsynced temp file + os.replace; -> count."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)  # as if written in place, not mkstemp's 0600 (rlhf.checkpoint does the same; it imports torch)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, new_file_mode())  # as if written in place, not mkstemp's 0600
     count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
@@ -214,7 +213,7 @@ def sample_candidates(
 ) -> list[Candidate]:
     """Sample `n` responses per prompt from the policy a finished stage saved in `stage_dir`.
 
-    Uses `rlhf.checkpoint.load_policy` and the project's batched, KV-cached sampler; seeded, so
+    Uses `rlhf.models.load_policy` and the project's batched, KV-cached sampler; seeded, so
     the same call gives the same candidates. Each candidate records `model` (default: the stage
     folder's name) and `checkpoint` (the stage folder). Empty responses are dropped, and with
     n >= 2 so are prompts left with fewer than 2 different responses (they could not be
@@ -225,8 +224,8 @@ def sample_candidates(
 
     import torch
 
-    from rlhf.checkpoint import load_policy
-    from rlhf.evaluation import generate_text
+    from rlhf.models import load_policy
+    from rlhf.sampling import generate_text
     from rlhf.sampling import SamplingConfig
 
     prompts = list(prompts)

@@ -33,7 +33,7 @@ import lightning as L
 import torch
 
 from rlhf.config import StageConfig
-from rlhf.fsdp import shard_in
+from rlhf.models import shard_in
 from rlhf.preference_batch import (
     EncodedPair,
     PreferenceLossConfig,
@@ -135,7 +135,7 @@ class DPOModule(L.LightningModule):
         self._evaluated_at = -1
 
     def configure_model(self):
-        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
     def on_train_start(self):
         if self.reference is None:
@@ -182,7 +182,7 @@ class DPOModule(L.LightningModule):
         # the orchestrator evaluates after the last step
         if not self.cfg.eval_every or step % self.cfg.eval_every or step in (self._evaluated_at, self.cfg.max_steps):
             return
-        if self.device_mesh is not None:  # sharded: rank 0 cannot sample alone (rlhf/fsdp.py)
+        if self.device_mesh is not None:  # sharded: rank 0 cannot sample alone (rlhf/models/fsdp.py)
             return
         self._evaluated_at = step
         if self.trainer.is_global_zero:

@@ -30,12 +30,11 @@ import torch
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
-from rlhf.evaluation import generate_text
-from rlhf.fsdp import gather_policy, shard_in
 from rlhf.judge import JudgeConfig, own_judging_examples, template_fields
 from rlhf.logprobs import response_nll
+from rlhf.models import gather_policy, shard_in
 from rlhf.rounds import gather_rows, load_or_make
-from rlhf.sampling import SamplingConfig, encode_examples
+from rlhf.sampling import SamplingConfig, encode_examples, generate_text
 from rlhf.stage_context import StageContext, StageResult
 from rlhf.training import adamw_with_schedule, bucketed_response_nll, check_finite, mix_seed
 
@@ -89,7 +88,7 @@ class EFTModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(cfg.num_candidates)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "eft_sample", rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        sampler = gather_policy(self.policy, self.ctx.new_model)  # sharded: the whole weights, once (rlhf/fsdp.py)
+        sampler = gather_policy(self.policy, self.ctx.new_model)  # sharded: the whole weights, once (rlhf/models/fsdp.py)
         responses = generate_text(sampler, self.ctx.tokenizer, repeated, sampling, cfg.generation_batch_size, generator)
         k = cfg.num_candidates
         rows = [
@@ -119,7 +118,7 @@ class EFTModule(L.LightningModule):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def configure_model(self):
-        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
 
 def run(ctx: StageContext) -> StageResult:

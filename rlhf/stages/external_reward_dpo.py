@@ -40,8 +40,7 @@ import torch
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
-from rlhf.evaluation import generate_responses
-from rlhf.fsdp import gather_policy, shard_in
+from rlhf.models import gather_policy, shard_in
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
@@ -52,7 +51,7 @@ from rlhf.preference_batch import (
     starting_reference,
 )
 from rlhf.reward import reward_function
-from rlhf.sampling import SamplingConfig
+from rlhf.sampling import SamplingConfig, generate_responses
 from rlhf.rounds import (
     RoundPairs,
     all_round_rows,
@@ -176,7 +175,7 @@ class OnlineDPOModule(L.LightningModule):
         self.last_round: dict[str, float] = {}
 
     def configure_model(self):
-        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
     def on_train_start(self):
         # built here, once the policy is on its device, so a reward model lands there too

@@ -38,10 +38,8 @@ import torch
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
-from rlhf.fsdp import gather_policy, shard_in
-from rlhf.lora import disabled_adapters, has_lora
 from rlhf.losses.policy_gradient import GROUP_ADVANTAGE_KINDS, GRPO_LOSS_KINDS, RATIO_LEVELS, entropy_from_logits, group_advantages, grpo_policy_loss, masked_mean
-from rlhf.model import frozen_copy
+from rlhf.models import disabled_adapters, frozen_copy, gather_policy, has_lora, shard_in
 from rlhf.rollout import (
     check_sampled_logprobs,
     chunks,
@@ -121,7 +119,7 @@ class GRPOModule(L.LightningModule):
         return adamw_with_schedule(self.policy.parameters(), self.cfg)
 
     def configure_model(self):
-        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
     def on_fit_start(self):
         if self._reference[0] is not None:
@@ -259,7 +257,7 @@ class GRPOModule(L.LightningModule):
         metrics = mean_over_ranks(self, metrics)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
         row = {"rollout": step, **metrics}
-        # sharded: rank 0 cannot sample alone (rlhf/fsdp.py); the end-of-stage evaluation runs
+        # sharded: rank 0 cannot sample alone (rlhf/models/fsdp.py); the end-of-stage evaluation runs
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and self.global_rank == 0 and self.device_mesh is None:
             row.update(mid_training_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg, cfg.eval_num_prompts))
             log_samples(self.ctx.logger, step, first, cfg.num_logged_samples)

@@ -39,10 +39,7 @@ from torch import nn
 
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError
-from rlhf.fsdp import gather_policy, shard_in
-from rlhf.freezing import train_last_n_layers
 from rlhf.logprobs import response_nll
-from rlhf.lora import apply_lora, base_state_dict, disabled_adapters, has_lora
 from rlhf.losses.policy_gradient import (
     KL_KINDS,
     AdaptiveKLController,
@@ -55,7 +52,7 @@ from rlhf.losses.policy_gradient import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from rlhf.model import frozen_copy
+from rlhf.models import apply_lora, base_state_dict, disabled_adapters, frozen_copy, gather_policy, has_lora, shard_in, train_last_n_layers
 from rlhf.rollout import (
     MaskedMoments,
     check_sampled_logprobs,
@@ -155,7 +152,7 @@ class PPOModule(L.LightningModule):
         return adamw_with_schedule(groups, self.cfg)
 
     def configure_model(self):
-        shard_in(self, self.policy, *([self.critic] if self.critic is not None else []))  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        shard_in(self, self.policy, *([self.critic] if self.critic is not None else []))  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
         if self.device_mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
@@ -308,7 +305,7 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.update(metrics["rollout/kl"], cfg.rollout_batch_size)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False)
         row = {"rollout": step, **metrics}
-        # sharded: rank 0 cannot sample alone (rlhf/fsdp.py); the end-of-stage evaluation runs
+        # sharded: rank 0 cannot sample alone (rlhf/models/fsdp.py); the end-of-stage evaluation runs
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and self.global_rank == 0 and self.device_mesh is None:
             row.update(mid_training_eval(self.policy, self.ctx.task, self.ctx.tokenizer, self.ctx.run_cfg, cfg.eval_num_prompts))
             log_samples(self.ctx.logger, step, first, cfg.num_logged_samples)

@@ -47,9 +47,8 @@ import torch
 from rlhf.config import StageConfig
 from rlhf.data.token_store import TokenStore, store_rows
 from rlhf.errors import ConfigError
-from rlhf.fsdp import gather_policy, shard_in
 from rlhf.losses.preference import binned_rating_loss, bradley_terry_loss, expected_rating, preference_accuracy, reward_centering_penalty
-from rlhf.lora import base_state_dict
+from rlhf.models import base_state_dict, gather_policy, shard_in
 from rlhf.reward import RewardModel, save_reward_model, truncate
 from rlhf.sampling import join_prompt_response
 from rlhf.stage_context import StageContext, StageResult
@@ -171,7 +170,7 @@ def policy_pair(pool: list[tuple[str, str, float]], k: int, rng: random.Random) 
 @torch.no_grad()
 def sample_policy(ctx: StageContext, prompts: list[str], k: int, seed: int) -> list[tuple[str, str, float]]:
     """(prompt, response, verifier score) for k samples (temperature 1) of the incoming policy per prompt."""
-    from rlhf.evaluation import generate_text
+    from rlhf.sampling import generate_text
     from rlhf.sampling import SamplingConfig
 
     rows = [p for p in prompts for _ in range(k)]
@@ -203,7 +202,7 @@ class RewardModule(L.LightningModule):
         self.model, self.stage_cfg, self.slot = model, stage_cfg, slot
 
     def configure_model(self):
-        shard_in(self, self.model)  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        shard_in(self, self.model)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
     def training_step(self, batch, batch_idx):
         if "labels" in batch:

@@ -52,13 +52,12 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 
-from rlhf import checkpoint
+from rlhf import files
 from rlhf.config import StageConfig
 from rlhf.errors import ConfigError, DataError
-from rlhf.evaluation import generate_responses
-from rlhf.fsdp import gather_policy, shard_in
 from rlhf.judge import JudgeConfig, evaluate_judge, judge, own_judging_examples, template_fields
 from rlhf.logprobs import response_nll, sequence_logprobs
+from rlhf.models import gather_policy, load_weights, shard_in
 from rlhf.preference_batch import (
     PreferenceLossConfig,
     check_loss_config,
@@ -68,7 +67,7 @@ from rlhf.preference_batch import (
     preference_loss,
     starting_reference,
 )
-from rlhf.sampling import SamplingConfig, encode_examples, encode_prompt, generate, join_prompt_response
+from rlhf.sampling import SamplingConfig, encode_examples, encode_prompt, generate, generate_responses, join_prompt_response
 from rlhf.rounds import (
     RoundPairs,
     all_round_rows,
@@ -265,7 +264,7 @@ class SelfRewardModule(L.LightningModule):
         return gather_rows(rows, world)
 
     def configure_model(self):
-        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py)
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
     def training_step(self, batch, batch_idx):
         loss = round_training_step(self, batch, lambda tokens, mask, ref: preference_loss(self.cfg, *pair_logprobs(self.policy, tokens, mask), ref))
@@ -327,7 +326,7 @@ def measure(ctx: StageContext, kl_reference: Optional[torch.nn.Module], name: st
     generator = torch.Generator(device=device).manual_seed(mix_seed(ctx.seed, "judge_eval"))
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     metrics, rows = evaluate_judge(policy, ctx.tokenizer, ctx.task, prompts, cfg.num_candidates, sampling, cfg.judge, generator, cfg.generation_batch_size)
-    checkpoint.write_jsonl(Path(ctx.stage_dir) / f"judge_eval_{name}.jsonl", rows)
+    files.write_jsonl(Path(ctx.stage_dir) / f"judge_eval_{name}.jsonl", rows)
     if kl_reference is not None:
         kl_reference.to(device)
         metrics["eval/kl"] = kl_estimate(policy, kl_reference, ctx.tokenizer, prompts * 2, cfg.max_new_tokens, generator, cfg.generation_batch_size)
@@ -346,8 +345,8 @@ def write_flat_files(stage_dir: Path) -> dict[str, float]:
                 candidates.append({"round": row["round"], "prompt": row["prompt"], **c})
             if row["status"] == "pair":
                 pairs.append({k: row[k] for k in ("round", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")})
-    checkpoint.write_jsonl(stage_dir / "candidates.jsonl", candidates)
-    checkpoint.write_jsonl(stage_dir / "pairs.jsonl", pairs)
+    files.write_jsonl(stage_dir / "candidates.jsonl", candidates)
+    files.write_jsonl(stage_dir / "pairs.jsonl", pairs)
     return totals
 
 
@@ -374,16 +373,16 @@ def run(ctx: StageContext) -> StageResult:
     kl_ref = start
     if kl_slot_dir is not None:
         kl_ref = ctx.new_model()
-        checkpoint.load_weights(kl_ref, kl_slot_dir / "policy.safetensors")
+        load_weights(kl_ref, kl_slot_dir / "policy.safetensors")
         kl_ref.requires_grad_(False).eval()
     metrics: dict[str, float] = {}
     if cfg.eval_prompts and ctx.is_global_zero:
         cached = Path(ctx.stage_dir) / "start_eval.json"  # a resumed stage does not measure its start again
         if cached.exists():
-            start_metrics = checkpoint.read_json(cached)
+            start_metrics = files.read_json(cached)
         else:
             start_metrics = measure(ctx, None, "start")
-            checkpoint.write_json(cached, start_metrics)
+            files.write_json(cached, start_metrics)
         metrics.update({k.replace("eval/", "start/", 1): v for k, v in start_metrics.items()})
         log.info("%s start: %s", ctx.slot, {k: round(v, 4) for k, v in start_metrics.items()})
 

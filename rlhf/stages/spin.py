@@ -37,15 +37,14 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from rlhf import checkpoint
+from rlhf import files
 from rlhf.config import StageConfig
 from rlhf.data.examples import PreferencePair, SFTExample
 from rlhf.errors import ConfigError, DataError
-from rlhf.evaluation import generate_responses
-from rlhf.fsdp import shard_in
 from rlhf.losses.preference import chosen_nll, preference_accuracy, spin_loss
+from rlhf.models import shard_in
 from rlhf.preference_batch import log_now, pair_logprobs, starting_reference
-from rlhf.sampling import SamplingConfig
+from rlhf.sampling import SamplingConfig, generate_responses
 from rlhf.rounds import (
     RoundPairs,
     all_round_rows,
@@ -135,7 +134,7 @@ class SpinModule(L.LightningModule):
         self.last_round: dict[str, float] = {}
 
     def configure_model(self):
-        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/fsdp.py); SPIN's opponent stays whole
+        shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py); SPIN's opponent stays whole
 
     def on_train_start(self):
         self.opponent.to(self.device)
@@ -247,7 +246,7 @@ def run(ctx: StageContext) -> StageResult:
     if not any(row["status"] == "pair" for row in rows):  # the stage trained on nothing: never mark it complete
         raise DataError(f"stages.{ctx.slot}: no usable pair, nothing was trained: all {len(rows)} generations equal the real response or, with drop_verified, score 1.0 (the model already reproduces the data)")
     if ctx.is_global_zero:
-        checkpoint.write_jsonl(Path(ctx.stage_dir) / "generations.jsonl", rows)
+        files.write_jsonl(Path(ctx.stage_dir) / "generations.jsonl", rows)
         new = [row for row in rows if row["source"] == "new"]
         metrics["pairs_total"] = float(sum(row["status"] == "pair" for row in rows))
         metrics["identical_total"] = float(sum(row["status"] == "identical" for row in new))

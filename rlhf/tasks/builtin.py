@@ -23,9 +23,9 @@ import random
 import re
 import string
 from rlhf.data.examples import PreferencePair, SFTExample
-from rlhf.data.tokenizer import CharTokenizer
 from rlhf.errors import ConfigError
-from rlhf.tasks import TaskConfig
+from rlhf.models import CharTokenizer
+from rlhf.tasks.config import TaskConfig
 
 # printable ASCII plus newline: any judge template or user text in plain English fits
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
@@ -528,3 +528,10 @@ class BuiltinTask:
         """The judging example for a given candidate (one of the model's own answers, say): the
         template filled with prompt and candidate, and the verdict `judge_verdict` writes."""
         return SFTExample(template.format(prompt=prompt, response=candidate), judge_verdict(prompt, candidate))
+
+
+def solved_texts(n: int = 2000, seed: int = 0) -> list[str]:
+    """`n` demonstrations (prompt + answer) of the default task, for a tokenizer to train on so
+    task prompts tokenise compactly (rlhf.models.make_tiny_checkpoint)."""
+    task, rng = BuiltinTask(TaskConfig()), random.Random(seed)
+    return [e.prompt + e.response for e in (task.sft_example(rng) for _ in range(n))]

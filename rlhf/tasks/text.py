@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from rlhf.checkpoint import atomic_path
-from rlhf.data.bpe import BPETokenizer
 from rlhf.data.jsonl import HUMAN, BadRow, parse_pair, parse_sft, require_object, stream_rows
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.tasks import TaskConfig
-from rlhf.training import global_rank
+from rlhf.files import atomic_path
+from rlhf.models import BPETokenizer
+from rlhf.tasks.config import TaskConfig
 
 MAX_EVAL_PROMPT_CHARS = 1000
 MAX_HELD_OUT_SHARE = 5  # held-out prompts are at most 1/5 of the distinct prompts
@@ -93,7 +92,7 @@ def shorten_prompt(prompt: str, max_chars: int = MAX_EVAL_PROMPT_CHARS) -> str:
 class TextTask:
     """Real text from `cfg.data`: a BPE tokenizer kept with the run, held-out prompts, no verifier."""
 
-    def __init__(self, cfg: TaskConfig, run_dir: Path):
+    def __init__(self, cfg: TaskConfig, run_dir: Path, rank: int = 0):
         if cfg.data is None:
             raise ConfigError("task.name=text needs task.data=PATH (JSONL files: pairs, prompt/response or text rows)")
         self.cfg = cfg
@@ -103,7 +102,7 @@ class TextTask:
 
         prompts = list(dict.fromkeys(p for p, _ in rows() if p.strip()))  # distinct, in file order
         # the second pass runs only when the tokenizer is trained (not on a resumed run)
-        self.tokenizer = self._tokenizer(Path(run_dir), (t for _, texts in rows() for t in texts if t))
+        self.tokenizer = self._tokenizer(Path(run_dir), (t for _, texts in rows() for t in texts if t), rank)
         random.Random(cfg.seed).shuffle(prompts)
         # at most a fifth of the distinct prompts (at least one): a small file (a feedback export
         # of 40 ratings, say) keeps most of its prompts to train on
@@ -115,11 +114,11 @@ class TextTask:
         self._train_prompts = prompts[n:]
         self._eval = [shorten_prompt(p) for p in held_out]
 
-    def _tokenizer(self, run_dir: Path, texts) -> BPETokenizer:
+    def _tokenizer(self, run_dir: Path, texts, rank: int) -> BPETokenizer:
         path = run_dir / TOKENIZER_FILE
         if path.exists():
             return BPETokenizer.load(path)
-        if global_rank() == 0:
+        if rank == 0:
             tokenizer = BPETokenizer.train(texts, vocab_size=self.cfg.vocab_size)
             with atomic_path(path) as tmp:
                 tokenizer.save(tmp)
@@ -128,7 +127,7 @@ class TextTask:
         deadline = time.monotonic() + WAIT_FOR_TOKENIZER_S
         while not path.exists():
             if time.monotonic() > deadline:
-                raise RLHFError(f"{path}: rank {global_rank()} waited {WAIT_FOR_TOKENIZER_S:.0f} s for rank 0's tokenizer")
+                raise RLHFError(f"{path}: rank {rank} waited {WAIT_FOR_TOKENIZER_S:.0f} s for rank 0's tokenizer")
             time.sleep(0.2)
         return BPETokenizer.load(path)
 

@@ -68,7 +68,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if cfg.rank <= 0:
         raise ConfigError(f"lora.rank must be > 0, got {cfg.rank}")
     target = list(cfg.target)
-    # a Hugging Face model (rlhf.hf_backend.HFCausalLM) names its layers its own way: the
+    # a Hugging Face model (rlhf.models.hf.HFCausalLM) names its layers its own way: the
     # x-transformers default becomes every linear layer of its blocks (q_proj..., c_attn...)
     if hasattr(model, "lora_targets") and target == LoRAConfig().target:
         target = model.lora_targets()

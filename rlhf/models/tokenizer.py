@@ -1,8 +1,8 @@
 """Character-level tokenizer for the built-in task, and the interface every tokenizer meets.
 
 A tokenizer has `encode(text) -> list[int]` (no special tokens added), `decode(ids) -> str`
-(special tokens dropped), `vocab_size`, `pad_id`, `eos_id`, `save(path)` and a
-module-level loader (`load_tokenizer`) that reads what `save` wrote.
+(special tokens dropped), `vocab_size`, `pad_id`, `eos_id` and `save(path)`, whose file
+`rlhf.models.checkpoint.load_tokenizer` reads back whatever the kind.
 """
 
 from __future__ import annotations
@@ -54,22 +54,3 @@ class CharTokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"kind": self.kind, "alphabet": self.alphabet}))
-
-
-def load_tokenizer(path: str | Path):
-    """Load any tokenizer written by a tokenizer's `save`."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: tokenizer file not found")
-    spec = json.loads(path.read_text())
-    if spec.get("kind") == "char":
-        return CharTokenizer(spec["alphabet"])
-    if spec.get("kind") == "bpe":
-        from rlhf.data.bpe import BPETokenizer
-
-        return BPETokenizer.load(path)
-    if spec.get("kind") == "hf":
-        from rlhf.hf_backend import HFTokenizer  # a Hugging Face checkpoint's tokenizer
-
-        return HFTokenizer.load(path)
-    raise DataError(f"{path}: unknown tokenizer kind {spec.get('kind')!r}")

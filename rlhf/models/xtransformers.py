@@ -1,6 +1,6 @@
-"""The policy: a decoder-only LM behind one small interface that every stage uses.
+"""The x-transformers backend: a decoder-only LM behind the one small interface every stage uses.
 
-`CausalLM` (x-transformers backend) exposes:
+`CausalLM` (and the Hugging Face backend's `rlhf.models.hf.HFCausalLM`) exposes:
   forward(tokens) -> logits (B, T, V)
   forward_hidden(tokens) -> (logits, hidden (B, T, D))   for value heads on the policy's trunk
   hidden(tokens) -> hidden (B, T, D)                      for reward models and separate critics
@@ -18,28 +18,7 @@ import torch
 from torch import nn
 from x_transformers import Decoder, TransformerWrapper
 
-
-@dataclass
-class ModelConfig:
-    backend: str = "xtransformers"
-    dim: int = 192
-    depth: int = 3
-    heads: int = 4
-    ff_mult: int = 4
-    max_seq_len: int = 256
-    dropout: float = 0.0
-    tie_embedding: bool = False
-    # torch.compile the network and its cached decode step (x-transformers backend). On this
-    # project's 2-core CPU a 3 M model's GRPO step ran 1.3x faster (benchmarks/bench_grpo.py)
-    # after about a minute of one-off compiling per process: for long runs only
-    compile: bool = False
-    # Hugging Face backend: a local checkpoint folder (no hub downloads).
-    path: Optional[str] = None
-    # Hugging Face backend: transformers' attention kernel ("sdpa", "eager", ...); None: its
-    # default (sdpa). On CPU in bf16-mixed, "eager" ran a GPT-2 DPO step 1.04-1.21x faster
-    # (docs/huggingface.md); sdpa keeps attention memory linear in length. Pairs share their
-    # prompt only under sdpa or eager, whose custom 4D masks a test checks.
-    attn_implementation: Optional[str] = None
+from rlhf.models.config import ModelConfig
 
 
 class CausalLM(nn.Module):
@@ -132,40 +111,6 @@ def compiled_decode():
     if _COMPILED_DECODE is None:
         _COMPILED_DECODE = torch.compile(decode_cached, dynamic=True)
     return _COMPILED_DECODE
-
-
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    if cfg.backend == "xtransformers":
-        if getattr(cfg, "attn_implementation", None) is not None:
-            from rlhf.errors import ConfigError
-
-            raise ConfigError("model.attn_implementation is for the Hugging Face backend (model.backend=hf)")
-        return CausalLM(cfg, vocab_size)
-    if cfg.compile:
-        from rlhf.errors import ConfigError
-
-        raise ConfigError("model.compile=true is for the x-transformers backend (model.backend=xtransformers)")
-    if cfg.backend == "hf":
-        from rlhf.hf_backend import load_hf_model  # optional extra
-
-        return load_hf_model(cfg)
-    from rlhf.errors import ConfigError
-
-    raise ConfigError(f"model.backend={cfg.backend!r} is not one of: xtransformers, hf")
-
-
-def frozen_copy(model: nn.Module, cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """A reference model: built fresh and loaded, never deep-copied.
-
-    deepcopy of a model with tied embeddings can leave the copy reading the policy's live
-    weights; a fresh build shares nothing.
-    """
-    from rlhf.lora import base_state_dict  # a LoRA-injected policy: its base weights (fresh adapters are zero)
-
-    ref = build_model(cfg, vocab_size)
-    ref.load_state_dict(base_state_dict(model))
-    ref.requires_grad_(False)
-    return ref.eval()
 
 
 CACHE_HEADROOM = 64  # positions a new cache reserves past the prompt; it doubles when they run out

@@ -6,7 +6,7 @@ and ``<eos>`` (id 1); `encode` never adds them, `decode` drops them, and a liter
 input text is encoded as ordinary bytes, never as the special id.
 
 The saved file is one JSON object ``{"kind": "bpe", "tokenizer": {...tokenizers JSON...}}`` that
-`rlhf.data.tokenizer.load_tokenizer` dispatches on.
+`rlhf.models.tokenizer.load_tokenizer` dispatches on.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rlhf.data.tokenizer import EOS, PAD
 from rlhf.errors import ConfigError, DataError
+from rlhf.models.tokenizer import EOS, PAD
 
 __all__ = ["BPETokenizer"]
 

@@ -3,12 +3,12 @@ and tokenizer interfaces, so every stage runs on it unchanged.
 
     python -m rlhf run model=hf model.path=/path/to/checkpoint recipe=sft
 
-`HFCausalLM` wraps `AutoModelForCausalLM` with the same interface as `rlhf.model.CausalLM`:
+`HFCausalLM` wraps `AutoModelForCausalLM` with the same interface as `rlhf.models.xtransformers.CausalLM`:
 forward / forward_hidden / hidden / decode_step (the model's own KV cache; left padding handled with an
 attention mask and position ids counted from each row's first real token), hidden_size,
 vocab_size, max_seq_len, num_parameters. `HFTokenizer` wraps the checkpoint's fast tokenizer
 into the project's tokenizer interface and saves itself as one JSON file (`{"kind": "hf", ...}`)
-that `rlhf.data.tokenizer.load_tokenizer` reads back.
+that `rlhf.models.checkpoint.load_tokenizer` reads back.
 
 Nothing here downloads: every load passes `local_files_only=True`, and a path that is not a
 local checkpoint folder is a `ConfigError`. `transformers` is imported lazily (the `hf` extra).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import string
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,7 +76,7 @@ PACKED_PAIR_ATTENTION = {"sdpa", "eager"}
 
 
 class HFCausalLM(nn.Module):
-    """A `transformers` causal LM with the interface of `rlhf.model.CausalLM`.
+    """A `transformers` causal LM with the interface of `rlhf.models.xtransformers.CausalLM`.
 
     `self.model` is the Hugging Face model itself (what export saves with `save_pretrained`
     and what LoRA targets).
@@ -113,7 +114,7 @@ class HFCausalLM(nn.Module):
 
     def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Logits for rows holding several sequences: `positions` (B, T) and `allowed` (B, 1, T, T),
-        which keys each query may see on top of the causal mask (see rlhf.model.CausalLM)."""
+        which keys each query may see on top of the causal mask (see rlhf.models.xtransformers.CausalLM)."""
         causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril()
         mask = allowed & causal
         if self.attention == "eager":  # eager attention adds its mask to the scores
@@ -152,7 +153,7 @@ class HFCausalLM(nn.Module):
         return int(self.model.num_parameters(exclude_embeddings=exclude_embedding))
 
     def lora_targets(self) -> list[str]:
-        """Default LoRA targets (rlhf.lora): the names of every linear layer in the blocks, as
+        """Default LoRA targets (rlhf.models.lora): the names of every linear layer in the blocks, as
         peft's "all-linear" picks them: GPT-2 c_attn/c_proj/c_fc, Llama q_proj...down_proj.
         The output head is left out."""
         from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear
@@ -221,7 +222,7 @@ def load_hf_model(cfg, pretrained_weights: bool = True) -> HFCausalLM:
         raise ConfigError(f"model.path={folder}: cannot load a causal LM from it ({first})") from None
     _set_dropout(model, float(getattr(cfg, "dropout", 0.0) or 0.0))
     _use_fused_gelu(model)
-    # from_pretrained returns eval mode; a policy starts in train mode like rlhf.model.CausalLM
+    # from_pretrained returns eval mode; a policy starts in train mode like rlhf.models.xtransformers.CausalLM
     return HFCausalLM(model).train()
 
 
@@ -344,6 +345,7 @@ def load_hf_tokenizer(cfg) -> HFTokenizer:
 
 def make_tiny_checkpoint(
     folder: str | Path,
+    texts: Iterable[str],
     arch: str = "gpt2",
     n_layer: int = 2,
     n_embd: int = 64,
@@ -354,23 +356,16 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Write a small, randomly initialised GPT-2 (or Llama) checkpoint with its own byte-level BPE
     tokenizer to `folder`, built entirely locally: for tests, benchmarks and trying the backend
-    offline. The tokenizer is trained on built-in-task text so task prompts tokenise compactly;
-    it includes a minimal chat template so templates are carried through save and export.
+    offline. The tokenizer is trained on `texts` (the built-in task's: rlhf.tasks.builtin.solved_texts,
+    so task prompts tokenise compactly) and printable ASCII; it includes a minimal chat template
+    so templates are carried through save and export.
     """
-    import random
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     transformers = _transformers()
-    from rlhf.tasks import TaskConfig
-    from rlhf.tasks.builtin import BuiltinTask
-
     folder = Path(folder)
     eos = "<|endoftext|>"
-    task = BuiltinTask(TaskConfig())
-    rng = random.Random(seed)
-    texts = [e.prompt + e.response for e in (task.sft_example(rng) for _ in range(2000))]
-    texts.append(string.printable)
+    texts = [*texts, string.printable]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

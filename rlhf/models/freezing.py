@@ -27,6 +27,8 @@ from typing import Optional
 from torch import nn
 
 from rlhf.errors import ConfigError
+from rlhf.files import atomic_path
+from rlhf.models.lora import adapter_state_dict, apply_lora, has_lora, merge_lora, remove_lora
 
 
 def _find_transformer(model: nn.Module) -> nn.Module:
@@ -69,8 +71,6 @@ def prepare_trainable(policy: nn.Module, stage_cfg) -> nn.Module:
     policy.requires_grad_(True)  # an earlier stage may have frozen part of the same object
     lora_cfg = getattr(stage_cfg, "lora", None)
     if lora_cfg is not None and lora_cfg.enabled:
-        from rlhf.lora import apply_lora
-
         policy = apply_lora(policy, lora_cfg)
     n: Optional[int] = getattr(stage_cfg, "train_last_n_layers", None)
     if n is not None:
@@ -83,9 +83,6 @@ def finish_trainable(policy: nn.Module, stage_cfg, stage_dir: Path, is_global_ze
     lora_cfg = getattr(stage_cfg, "lora", None)
     if lora_cfg is not None and lora_cfg.enabled:
         from safetensors.torch import save_file
-
-        from rlhf.checkpoint import atomic_path
-        from rlhf.lora import adapter_state_dict, has_lora, merge_lora, remove_lora
 
         if has_lora(policy):
             if is_global_zero:
