@@ -213,7 +213,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict[s
             finish_logger(logger, exit_code=1)
             raise
         # trainer.strategy=fsdp: every rank gathers the whole weights into a plain model (rlhf/models/fsdp.py)
-        policy = fsdp.gather_policy(result.policy, lambda: build_model(cfg.model, tokenizer.vocab_size))
+        policy = fsdp.gather_policy(result.policy, lambda: prepare_trainable(build_model(cfg.model, tokenizer.vocab_size), stage_cfg))
         policy = finish_trainable(policy, stage_cfg, stage_dir, global_rank() == 0)  # merge LoRA
         metrics = dict(result.metrics)
         if global_rank() == 0:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from rlhf.errors import ConfigError
-from rlhf.models import build_model
+from rlhf.models import build_model, prepare_trainable
 from rlhf.training import fit, global_rank
 
 
@@ -99,3 +99,8 @@ class StageContext:
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (for reward models, critics, references)."""
         return build_model(self.run_cfg.model, self.tokenizer.vocab_size)
+
+    def new_policy(self) -> nn.Module:
+        """A fresh model shaped like this stage's policy, its LoRA adapters included: what
+        `gather_policy` fills with a sharded policy's whole weights."""
+        return prepare_trainable(self.new_model(), self.cfg)

@@ -34,7 +34,7 @@ def test_blocks_are_a_layers_attention_and_feed_forward():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["recipe=sft", "stages.sft.lora.enabled=true"], "stages.sft.lora: LoRA cannot run under trainer.strategy=fsdp yet"),
+        (["recipe=sft", "model.compile=true"], "model.compile=true cannot run under trainer.strategy=fsdp yet"),
         (["recipe=sft", "trainer.accelerator=auto"], "trainer.strategy=fsdp needs trainer.accelerator=cpu or gpu"),
     ],
 )
@@ -182,6 +182,28 @@ def test_online_stages_under_fsdp_follow_ddp(tmp_path, recipe):
     sharded, whole = (load_policy(tmp_path / run / "stages" / last)[0].state_dict() for run in ("fsdp", "ddp"))
     for key in whole:
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_lora_and_last_n_layers_under_fsdp_follow_ddp(tmp_path):
+    # DPO with LoRA (adapters sharded with their blocks, the base weights frozen in the same
+    # groups; its reference the base weights), PPO with LoRA (sampling from the whole weights
+    # gathered into a LoRA-shaped model, its reference the adapters switched off) and GRPO
+    # training its last block only; adapters merged at each stage's end as under DDP
+    recipe = ("recipe=dpo", "+stage@stages.ppo=ppo", "+stage@stages.grpo=grpo", "order=[sft,dpo,ppo,grpo]", "stages.sft.max_steps=3",
+              "stages.dpo.max_steps=2", "stages.dpo.batch_size=8", "stages.dpo.lora.enabled=true", "stages.dpo.lr=1e-3",
+              *[f"stages.ppo.{key}" for key in ("lora.enabled=true", "lr=1e-3", "max_steps=2", "rollout_batch_size=8", "minibatch_size=4", "max_new_tokens=6", "eval_every=0")],
+              *[f"stages.grpo.{key}" for key in ("train_last_n_layers=1", "max_steps=2", "rollout_batch_size=4", "group_size=4", "max_new_tokens=6", "eval_every=0")])
+    ddp, _ = _run_with_loss_curve(tmp_path / "ddp", "ddp_cpu", recipe)
+    fsdp, _ = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", recipe)
+    assert fsdp["sharded"] and [len(losses) for losses in fsdp["stages"]] == [3, 2, 2, 2]
+    for sharded_curve, ddp_curve in zip(fsdp["stages"], ddp["stages"]):
+        assert sharded_curve == pytest.approx(ddp_curve, rel=1e-4, abs=1e-7)
+    for slot in ("01_dpo", "02_ppo", "03_grpo"):
+        sharded, whole = (load_policy(tmp_path / run / "stages" / slot)[0].state_dict() for run in ("fsdp", "ddp"))
+        assert not any("lora" in key for key in sharded)  # merged
+        for key in whole:
+            torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=f"{slot} {key}")
 
 
 @pytest.mark.slow

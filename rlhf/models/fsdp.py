@@ -27,8 +27,12 @@ Checkpoints within a stage are PyTorch distributed checkpoints written by Lightn
 (a directory, each process its own shards; rlhf.training.ResumableCheckpoint swaps it in), so
 `resume=DIR` continues a sharded stage exactly.
 
-What this does NOT do yet, and refuses at config time in one line (`check_config`): LoRA (its
-adapters would have to survive the gather below), and `model.compile`.
+LoRA and last-N-layer training shard like the rest: FSDP2 shards parameter by parameter, so a
+block's frozen base weights and its trainable adapters share one group; the gathered whole
+model is built LoRA-shaped (`StageContext.new_policy`) and the adapters are merged (or dropped)
+at the stage's end as under DDP.
+
+What this does NOT do yet, and refuses at config time in one line (`check_config`): `model.compile`.
 SFT's length buckets (rlhf.training.bucketed_response_nll) are off when sharded: every process
 must run as many forward passes, since each all-gathers the blocks' weights.
 At the end of a stage every process gathers the whole weights once (`gather_policy`) into a
@@ -65,8 +69,6 @@ def check_config(trainer_cfg, model_cfg, order, stage_cfgs: dict) -> None:
         stage = stage_cfgs[slot]
         if stage.kind not in SUPPORTED_STAGE_KINDS:
             raise ConfigError(f"stages.{slot}: stage kind {stage.kind!r} cannot run under trainer.strategy=fsdp yet (only {', '.join(SUPPORTED_STAGE_KINDS)}); use trainer=ddp_cpu or trainer=gpu")
-        if stage.lora.enabled:
-            raise ConfigError(f"stages.{slot}.lora: LoRA cannot run under trainer.strategy=fsdp yet; use trainer=ddp_cpu or trainer=gpu")
     if model_cfg.backend == "xtransformers" and model_cfg.compile:
         raise ConfigError("model.compile=true cannot run under trainer.strategy=fsdp yet")
 

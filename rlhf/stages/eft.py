@@ -88,7 +88,7 @@ class EFTModule(L.LightningModule):
         repeated = [prompts[i] for i in mine for _ in range(cfg.num_candidates)]
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.ctx.seed, "eft_sample", rank))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        sampler = gather_policy(self.policy, self.ctx.new_model)  # sharded: the whole weights, once (rlhf/models/fsdp.py)
+        sampler = gather_policy(self.policy, self.ctx.new_policy)  # sharded: the whole weights, once (rlhf/models/fsdp.py)
         responses = generate_text(sampler, self.ctx.tokenizer, repeated, sampling, cfg.generation_batch_size, generator)
         k = cfg.num_candidates
         rows = [

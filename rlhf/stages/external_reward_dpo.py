@@ -214,7 +214,7 @@ class OnlineDPOModule(L.LightningModule):
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         # sharded: every rank gathers the whole weights once for the round and samples with them
         # (a sharded model would all-gather every layer at every decoding step, in lockstep)
-        sampler = gather_policy(self.policy, self.ctx.new_model)
+        sampler = gather_policy(self.policy, self.ctx.new_policy)
         responses, finished = generate_responses(sampler, tok, repeated, sampling, cfg.generation_batch_size, generator)
         rewards = list(self.reward(repeated, responses))
         n = cfg.num_candidates

@@ -154,7 +154,7 @@ class GRPOModule(L.LightningModule):
         generator = rollout_generator(ctx.seed, step, self.global_rank, self.device)
         # sharded: every rank gathers the whole weights once per rollout to sample and score with
         # (a sharded model would all-gather every layer at every decoding step, in lockstep)
-        sampler = gather_policy(self.policy, ctx.new_model)
+        sampler = gather_policy(self.policy, ctx.new_policy)
         parts = defaultdict(list)
         for start, stop in chunks(len(rows), cfg.generation_batch_size):
             ro = sample_rollout(sampler, tok, rows[start:stop], self.reward_fn, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, verifier=self.verifier)

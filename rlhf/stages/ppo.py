@@ -202,7 +202,7 @@ class PPOModule(L.LightningModule):
         models = [self.policy] + ([self.critic] if self.critic is not None else [])
         # sharded: every rank gathers the whole weights once per rollout to sample with (a sharded
         # model would all-gather every layer at every decoding step, in lockstep)
-        sampler = gather_policy(self.policy, ctx.new_model)
+        sampler = gather_policy(self.policy, ctx.new_policy)
         for start, stop in chunks(len(prompts), cfg.generation_batch_size):
             ro = sample_rollout(sampler, tok, prompts[start:stop], self.reward_fn, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, verifier=self.verifier)
             with eval_mode(*models):

@@ -242,7 +242,7 @@ class SelfRewardModule(L.LightningModule):
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         # sharded: every rank gathers the whole weights once for the round to answer and judge with
         # (a sharded model would all-gather every layer at every decoding step, in lockstep)
-        sampler = gather_policy(self.policy, self.ctx.new_model)
+        sampler = gather_policy(self.policy, self.ctx.new_policy)
         responses, finished = generate_responses(sampler, tok, repeated, sampling, cfg.generation_batch_size, generator)
         judged = judge(sampler, tok, repeated, responses, cfg.judge, generator, cfg.generation_batch_size)
         rows = []
@@ -393,7 +393,7 @@ def run(ctx: StageContext) -> StageResult:
     if not any(row["status"] == "pair" for row in rows):  # the stage trained on nothing: never mark it complete
         raise DataError(f"stages.{ctx.slot}: no usable pair in any round, nothing was trained: {no_pair_cause(rows)}")
     # sharded: the end measurement (rank 0 alone) needs the whole weights, gathered by every rank
-    whole = gather_policy(ctx.policy, ctx.new_model) if cfg.eval_prompts else None
+    whole = gather_policy(ctx.policy, ctx.new_policy) if cfg.eval_prompts else None
     if ctx.is_global_zero:
         metrics.update(write_flat_files(Path(ctx.stage_dir)))
         if cfg.eval_prompts:
