@@ -55,6 +55,10 @@ class TrainerConfig:
     devices: Any = 1
     strategy: str = "auto"  # a Lightning strategy name, or fsdp: the policy sharded per block (rlhf/models/fsdp.py)
     num_nodes: int = 1
+    # trainer.strategy=fsdp: keep the sharded parameters, gradients and optimizer state in CPU
+    # memory, copied to the GPU just before each block runs (FSDP2's CPUOffloadPolicy; the
+    # optimizer steps on the CPU): less GPU memory, slower steps
+    fsdp_cpu_offload: bool = False
     precision: str = "32-true"
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     log_every: int = 10

@@ -45,6 +45,20 @@ def test_what_cannot_run_sharded_fails_before_training(tmp_path, overrides, mess
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_cpu_offload_without_fsdp_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.fsdp_cpu_offload=true needs trainer.strategy=fsdp"):
+        run_recipe(compose(["recipe=sft", *TINY, "trainer=ddp_cpu", "trainer.fsdp_cpu_offload=true"]), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cpu_offload_keeps_the_shards_in_cpu_memory():
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from rlhf.models.fsdp import offload_policy
+
+    assert isinstance(offload_policy(True), CPUOffloadPolicy) and type(offload_policy(False)) is OffloadPolicy
+
+
 def test_a_stage_kind_that_cannot_shard_is_named():
     from types import SimpleNamespace
 

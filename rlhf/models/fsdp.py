@@ -62,6 +62,8 @@ def is_fsdp(trainer_cfg) -> bool:
 def check_config(trainer_cfg, model_cfg, order, stage_cfgs: dict) -> None:
     """What this slice cannot shard fails before anything trains, in one line."""
     if not is_fsdp(trainer_cfg):
+        if trainer_cfg.fsdp_cpu_offload:
+            raise ConfigError(f"trainer.fsdp_cpu_offload=true needs trainer.strategy=fsdp (trainer=fsdp or trainer=fsdp_cpu), got strategy={trainer_cfg.strategy!r}")
         return
     if str(trainer_cfg.accelerator).lower() not in ("cpu", "gpu", "cuda"):
         raise ConfigError(f"trainer.strategy=fsdp needs trainer.accelerator=cpu or gpu, got {trainer_cfg.accelerator!r} (use trainer=fsdp_cpu or trainer=fsdp)")
@@ -82,7 +84,9 @@ def make_strategy(trainer_cfg):
     accelerator = CPUAccelerator if str(trainer_cfg.accelerator).lower() == "cpu" else CUDAAccelerator
     devices = accelerator.parse_devices(trainer_cfg.devices)
     per_node = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
-    return ModelParallelStrategy(data_parallel_size=per_node * trainer_cfg.num_nodes, tensor_parallel_size=1)
+    strategy = ModelParallelStrategy(data_parallel_size=per_node * trainer_cfg.num_nodes, tensor_parallel_size=1)
+    strategy.cpu_offload = bool(trainer_cfg.fsdp_cpu_offload)  # read by shard_in
+    return strategy
 
 
 def transformer_blocks(policy: nn.Module) -> list[list[nn.Module]]:
@@ -113,18 +117,33 @@ def transformer_blocks(policy: nn.Module) -> list[list[nn.Module]]:
     return blocks
 
 
-def shard_in(module, *models: nn.Module) -> None:
+def shard_in(module, *models: nn.Module, whole_group: bool = False) -> None:
     """A stage module's `configure_model`: under trainer.strategy=fsdp (Lightning's
     ModelParallelStrategy gives the module a device mesh) shard each of `models` per transformer
-    block on it; under any other strategy nothing."""
+    block on it (`whole_group`: as one sharding group, for a small part such as a value head);
+    under any other strategy nothing."""
     if module.device_mesh is None:
         return
+    from torch.distributed.fsdp import fully_shard
+
+    mesh, offload = module.device_mesh["data_parallel"], getattr(module.trainer.strategy, "cpu_offload", False)
     for model in models:
-        shard_policy(model, module.device_mesh["data_parallel"])
+        if whole_group:
+            fully_shard(model, mesh=mesh, offload_policy=offload_policy(offload))
+        else:
+            shard_policy(model, mesh, offload)
 
 
-def shard_policy(policy: nn.Module, mesh) -> None:
-    """fully_shard each transformer block, then the policy itself (in place; a no-op the second time)."""
+def offload_policy(cpu_offload: bool):
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    # pinned host memory needs CUDA; on a CPU-only machine the offload is a no-op anyway
+    return CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+
+
+def shard_policy(policy: nn.Module, mesh, cpu_offload: bool = False) -> None:
+    """fully_shard each transformer block, then the policy itself (in place; a no-op the second
+    time). `cpu_offload`: the shards (and so gradients and optimizer state) live in CPU memory."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(policy, FSDPModule):
@@ -134,9 +153,10 @@ def shard_policy(policy: nn.Module, mesh) -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         for tensor in policy.state_dict().values():
             torch.distributed.broadcast(tensor, src=0, group=mesh.get_group())
+    offload = offload_policy(cpu_offload)
     for block in transformer_blocks(policy):
-        fully_shard(block, mesh=mesh)
-    fully_shard(policy, mesh=mesh)
+        fully_shard(block, mesh=mesh, offload_policy=offload)
+    fully_shard(policy, mesh=mesh, offload_policy=offload)
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     # entry points other than forward gather the root group too: DPO's shared-prompt rows, a

@@ -153,11 +153,8 @@ class PPOModule(L.LightningModule):
 
     def configure_model(self):
         shard_in(self, self.policy, *([self.critic] if self.critic is not None else []))  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
-        if self.device_mesh is not None:
-            from torch.distributed.fsdp import fully_shard
-
-            # its own group: a parameter outside every group would keep each process's own gradient
-            fully_shard(self.value_head, mesh=self.device_mesh["data_parallel"])
+        # its own group: a parameter outside every group would keep each process's own gradient
+        shard_in(self, self.value_head, whole_group=True)
 
     def on_fit_start(self):
         if self._reference[0] is not None:
