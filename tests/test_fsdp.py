@@ -221,6 +221,25 @@ def test_lora_and_last_n_layers_under_fsdp_follow_ddp(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_nodes_launched_by_torchrun_match_two_local_processes(tmp_path):
+    # the multi-node launch the README shows, as two "nodes" of one process each on this machine:
+    # torchrun starts each node's process, Lightning finds its rank in torchrun's environment
+    # (no launcher of its own), and the run is the same as Lightning's 2-process launch
+    args = ["recipe=sft", *TINY, "stages.sft.max_steps=3", "trainer=fsdp_cpu"]
+    run_cli("run", *args, f"hydra.run.dir={tmp_path / 'local'}")
+    nodes = [subprocess.Popen(["torchrun", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+                               "--master_port=29613", "-m", "rlhf", "run", *args, "trainer.devices=1", "trainer.num_nodes=2",
+                               f"hydra.run.dir={tmp_path / 'nodes'}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    local, nodes = (load_file(str(tmp_path / name / "stages" / "00_sft" / "policy.safetensors")) for name in ("local", "nodes"))
+    for key in local:
+        assert torch.equal(local[key], nodes[key]), key
+
+
+@pytest.mark.slow
 def test_the_full_recipe_under_fsdp_follows_ddp(tmp_path):
     # SFT, SPIN (its opponent whole), two self-rewarding iterations and external-reward DPO (each
     # round answered and judged by the whole weights, gathered once) and PPO (sampled whole once
