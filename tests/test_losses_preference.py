@@ -17,6 +17,8 @@ from rlhf.losses.preference import (
     chosen_nll,
     dpo_loss,
     expected_rating,
+    kto_loss,
+    kto_reference_point,
     preference_accuracy,
     rrhf_ranking_loss,
     simpo_loss,
@@ -228,3 +230,31 @@ def test_spin_hand_computed():
 def test_preference_accuracy_ties_count_zero():
     # [1 > 0, 2 > 2 (tie), 3 > 4, 0 > -1] = [1, 0, 0, 1] -> 0.5
     assert preference_accuracy(t(1.0, 2.0, 3.0, 0.0), t(0.0, 2.0, 4.0, -1.0)).item() == pytest.approx(0.5)
+
+
+def test_kto_hand_computed():
+    # r = [0.5, -1.0]; desirable: 1 - sigmoid(0.1 * (0.5 - 0.2)) = 1 - sigmoid(0.03) = 0.4925006;
+    # undesirable: 1 - sigmoid(0.1 * (0.2 + 1.0)) = 1 - sigmoid(0.12) = 0.4700359
+    losses, rewards = kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([True, False]), 0.2, beta=0.1)
+    torch.testing.assert_close(losses, torch.tensor([0.4925006, 0.4700359]))
+    torch.testing.assert_close(rewards, torch.tensor([0.05, -0.1]))
+    weighted, _ = kto_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([True, False]), 0.2, beta=0.1,
+                           desirable_weight=2.0, undesirable_weight=0.5)
+    torch.testing.assert_close(weighted, torch.tensor([0.9850012, 0.2350180]))
+
+
+def test_kto_gradient_raises_desirable_and_lowers_undesirable():
+    policy = torch.tensor([-1.0, -1.0], requires_grad=True)
+    losses, rewards = kto_loss(policy, torch.tensor([-1.0, -1.0]), torch.tensor([True, False]), 0.0, beta=0.5)
+    losses.mean().backward()
+    assert policy.grad[0] < 0 < policy.grad[1] and not rewards.requires_grad
+
+
+def test_kto_reference_point_is_clamped_detached_and_safe_when_empty():
+    policy = torch.tensor([-1.0, -3.0], requires_grad=True)
+    z = kto_reference_point(policy, torch.tensor([-2.0, -2.5]))  # mean(1.0, -0.5) = 0.25
+    assert float(z) == pytest.approx(0.25) and not z.requires_grad
+    assert float(kto_reference_point(torch.tensor([-3.0]), torch.tensor([-1.0]))) == 0.0  # clamped
+    assert float(kto_reference_point(torch.tensor([]), torch.tensor([]))) == 0.0
+    with pytest.raises(ValueError, match="beta"):
+        kto_loss(policy, policy, torch.tensor([True, False]), 0.0, beta=0.0)

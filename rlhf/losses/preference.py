@@ -1,4 +1,4 @@
-"""Preference losses: reward models, the DPO family, SimPO, RRHF, SPIN.
+"""Preference losses: reward models, the DPO family, SimPO, RRHF, SPIN, KTO.
 
 Every function is pure: tensors in, tensors out, no state. Unless stated, inputs
 are per-sequence SUMMED log-probs of shape (B,), computed by the caller.
@@ -233,6 +233,66 @@ def spin_loss(
         DPOOutput; "chosen" = real, "rejected" = generated.
     """
     return dpo_loss(policy_real, policy_generated, ref_real, ref_generated, beta=lam, loss_type="sigmoid")
+
+
+def kto_reference_point(policy_mismatched: Tensor, ref_mismatched: Tensor) -> Tensor:
+    """KTO's reference point z_ref, estimated on mismatched (prompt, response) pairs of the batch
+    (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", sec. 4;
+    TRL's KTOTrainer): the batch mean of policy - reference summed log-probs, clamped at 0 and
+    detached (the paper does not backpropagate through it).
+
+    Args:
+        policy_mismatched, ref_mismatched: (B,) summed log-probs of response j != i given prompt i.
+
+    Returns:
+        Scalar tensor >= 0 (0 for an empty batch).
+    """
+    if policy_mismatched.numel() == 0:
+        return policy_mismatched.new_zeros(())
+    return (policy_mismatched - ref_mismatched).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    reference_point: Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO for unpaired thumbs up / down (Ethayarajh et al. 2024, eq. 8; TRL's KTOTrainer, "kto"):
+
+    r = policy_logps - ref_logps
+    desirable:   w_D * (1 - sigmoid(beta * (r - z_ref)))
+    undesirable: w_U * (1 - sigmoid(beta * (z_ref - r)))
+
+    Args:
+        policy_logps, ref_logps: (B,) summed log-probs of each response under policy / reference.
+        desirable: (B,) bool, True for a thumbs-up response.
+        reference_point: z_ref (scalar, detached; `kto_reference_point`).
+        beta: > 0. desirable_weight, undesirable_weight: lambda_D, lambda_U (>= 0).
+
+    Returns:
+        (losses (B,), rewards (B,) = beta * r, detached). Reduce with `.mean()` (TRL averages the
+        weighted losses of both kinds together).
+
+    Raises:
+        ValueError: beta <= 0 or a negative weight.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"KTO weights must be >= 0, got {desirable_weight}, {undesirable_weight}")
+    logratios = policy_logps - ref_logps
+    z = torch.as_tensor(reference_point, dtype=logratios.dtype, device=logratios.device)
+    desirable = desirable.bool()
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (logratios - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - logratios))),
+    )
+    return losses, beta * logratios.detach()
 
 
 def preference_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
