@@ -126,8 +126,13 @@ def _export(args: argparse.Namespace) -> int:
         f"{os.path.join(args.out, 'ratings.jsonl')}: {ratings} ratings; "
         f"left out {counts['undone']} undone"
     )
+    thumbs = os.path.join(args.out, "ratings_thumbs.jsonl" if counts["ratings_stars"] else "ratings.jsonl")
     if counts["ratings_stars"] and counts["ratings_thumbs"]:
-        print(f"note: stars and thumbs are mixed; the thumbs went to {os.path.join(args.out, 'ratings_thumbs.jsonl')}")
+        print(f"note: stars and thumbs are mixed; the thumbs went to {thumbs}")
+    if counts["pairs"]:
+        print(f"train on the pairs: python -m rlhf run recipe=from_feedback task.data={os.path.join(args.out, 'pairs.jsonl')}")
+    if counts["ratings_thumbs"]:
+        print(f"train on the thumbs (KTO): python -m rlhf run recipe=from_thumbs task.data={thumbs}")
     return 0
 
 
