@@ -166,6 +166,10 @@ def test_pretrain_sft_reward_model_and_dpo_under_fsdp_follow_the_one_process_run
 
 
 ONLINE = {
+    # KTO: the reference point from every process's mismatched rows, all-gathered (compared with
+    # DDP, whose processes see the same rows; one process would pair other rows). lr 1e-4: AdamW's
+    # first steps are ~lr * sign(grad), so a near-zero gradient entry's rounding moves it by ~lr
+    "kto": ("recipe=kto", "stages.sft.max_steps=2", "stages.kto.max_steps=2", "stages.kto.batch_size=8", "stages.kto.warmup_steps=0", "stages.kto.lr=1e-4"),
     # GRPO: each rollout sampled and scored with the whole weights, gathered once per rollout; its
     # loss is ~0 at one update per rollout (ratio 1, zero-mean advantages), so the weights are the check
     "grpo": ("recipe=grpo", "stages.sft.max_steps=2", *[f"stages.grpo.{key}" for key in ("max_steps=2", "rollout_batch_size=4", "group_size=4", "max_new_tokens=8", "eval_every=1")]),

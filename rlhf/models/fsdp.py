@@ -9,7 +9,7 @@ output head and the norms outside the blocks form the root group.
 
 Every stage kind runs sharded: pretraining, SFT, EFT, the reward model (its trunk's blocks;
 the rest, with its head, in the root group; gathered whole at the end like a policy), offline
-DPO, SPIN, self-rewarding and external-reward DPO, GRPO/RLOO and PPO (its value head a
+DPO, KTO (its reference, like DPO's, whole), SPIN, self-rewarding and external-reward DPO, GRPO/RLOO and PPO (its value head a
 sharding group of its own, a separate critic sharded like the policy). Every process starts
 from rank 0's weights, broadcast before sharding as DDP does (a fresh reward head is drawn
 from each process's own random state). DPO's frozen reference is not sharded: with
@@ -52,7 +52,7 @@ from torch import nn
 from rlhf.errors import ConfigError
 
 STRATEGY = "fsdp"
-SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo", "reward_model", "spin", "external_reward_dpo", "grpo", "self_reward_dpo", "eft", "ppo")
+SUPPORTED_STAGE_KINDS = ("pretrain", "sft", "dpo", "reward_model", "spin", "external_reward_dpo", "grpo", "self_reward_dpo", "eft", "ppo", "kto")
 
 
 def is_fsdp(trainer_cfg) -> bool:
