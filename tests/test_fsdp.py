@@ -132,6 +132,21 @@ def _run_with_loss_curve(run_dir, trainer: str, recipe: tuple[str, ...] = ("reci
     return json.loads(curve.read_text()), proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+def test_a_hugging_face_model_shards_per_decoder_layer_and_follows_one_process(tmp_path):
+    # model=hf: the sharding groups are the classes the model names in `_no_split_modules`
+    # (LlamaDecoderLayer here), the embedding and head the root group
+    pytest.importorskip("transformers")
+    from rlhf.models.hf import make_tiny_checkpoint
+    from rlhf.tasks.builtin import solved_texts
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "llama", solved_texts(), arch="llama")
+    recipe = ("recipe=sft", "model=hf", f"model.path={checkpoint}", "stages.sft.max_steps=3")
+    one, _ = _run_with_loss_curve(tmp_path / "one", "default", recipe)
+    two, _ = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", recipe)
+    assert two["sharded"] and two["stages"][0] == pytest.approx(one["stages"][0], rel=1e-4)
+
+
 RM_LR = 1e-4
 
 
