@@ -118,18 +118,20 @@ class KTOModule(L.LightningModule):
         shard_in(self, self.policy)  # trainer.strategy=fsdp (rlhf/models/fsdp.py)
 
     def on_train_start(self):
+        if self.cfg.batch_size % self.trainer.world_size:  # equal shards: the reference point gathers them
+            raise ConfigError(f"stages.{self.slot}.batch_size={self.cfg.batch_size} must be a multiple of the {self.trainer.world_size} processes")
         self.reference.to(self.device)
 
     def reference_point(self, batch) -> torch.Tensor:
-        """z_ref over every process's mismatched rows (0 where a process has none)."""
-        if "mismatched_tokens" in batch:
-            tokens, mask = batch["mismatched_tokens"], batch["mismatched_mask"]
-            with torch.no_grad():
-                diff = sequence_logprobs(self.policy(tokens), tokens, mask) - sequence_logprobs(self.reference(tokens), tokens, mask)
-        else:
-            diff = torch.zeros(0, device=self.device)
+        """z_ref over every process's mismatched rows (0 when a process's shard is one row: then
+        every process's is, since batch_size is a multiple of the processes)."""
+        if "mismatched_tokens" not in batch:
+            return torch.zeros((), device=self.device)
+        tokens, mask = batch["mismatched_tokens"], batch["mismatched_mask"]
+        with torch.no_grad():
+            diff = sequence_logprobs(self.policy(tokens), tokens, mask) - sequence_logprobs(self.reference(tokens), tokens, mask)
         if self.trainer.world_size > 1:
-            diff = self.all_gather(diff).flatten()  # equal shard sizes: make_batch splits rank::world
+            diff = self.all_gather(diff).flatten()  # equal shard sizes (make_batch splits rank::world)
         return kto_reference_point(diff, torch.zeros_like(diff))
 
     def training_step(self, batch, batch_idx):
