@@ -1,4 +1,5 @@
-"""Feedback page in a real browser: Debian's chromium, headless, driven by Playwright.
+"""Feedback page in a real browser: Debian's chromium, headless, driven by Playwright, against
+the real server (`python -m rlhf feedback serve`: Django under gunicorn).
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and `pip install playwright` (never
 `playwright install`: we use the system browser). `.ci/feedback_deps.sh` installs both.
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.feedback.candidates import Candidate, make_items
+from conftest import add_raters
+
+from rlhf.feedback.candidates import Candidate
 from rlhf.feedback.export import export
-from rlhf.feedback.server import FeedbackApp, start_in_thread
 from rlhf.feedback.store import FeedbackStore
 
 CHROMIUM = "/usr/bin/chromium"
@@ -50,21 +52,18 @@ def browser():
 
 
 @pytest.fixture
-def serve(tmp_path):
-    servers = []
-
+def serve(tmp_path, feedback_server):
     def start(candidates, mode="compare", scale="stars", rater=None):
-        store = FeedbackStore(tmp_path / "fb.sqlite")
-        items = make_items(candidates, mode)
-        store.add_items(items)
-        server = start_in_thread(FeedbackApp(store, items, mode, scale=scale, rater=rater, quiet=True))
-        servers.append(server)
-        return server, items
+        cands = tmp_path / "candidates.jsonl"
+        cands.write_text("".join(
+            json.dumps({"prompt": c.prompt, "responses": list(c.responses), "model": c.model,
+                        "checkpoint": c.checkpoint}) + "\n"
+            for c in candidates
+        ))
+        args = ["--candidates", str(cands), "--db", str(tmp_path / "fb.sqlite"), "--mode", mode, "--scale", scale]
+        return feedback_server(*args, *(["--rater", rater] if rater else []))
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 @pytest.fixture
@@ -102,11 +101,14 @@ def test_compare_with_mouse_keyboard_and_undo(page, serve, tmp_path):
         Candidate("Count to three", ("1 2 3", "one, two")),
         Candidate("Capital of France?", ("Paris", "Lyon")),
     ]
-    server, items = serve(candidates)
+    add_raters(["--db", str(tmp_path / "fb.sqlite")], ["bob"])
+    server = serve(candidates)
     page.goto(server.url)
 
-    # who is rating: typed, submitted with Enter
+    # who is rating: a rater account logs in (the password submitted with Enter)
+    assert page.url.endswith("/login/?next=/")
     page.get_by_label("Name").fill("bob")
+    page.get_by_label("Password").fill("correct-horse")
     page.keyboard.press("Enter")
     wait_count(page, 0, 3)
     assert page.locator(".who b").text_content() == "bob"
@@ -153,7 +155,7 @@ def test_compare_with_mouse_keyboard_and_undo(page, serve, tmp_path):
 
 def test_rate_thumbs_with_a_lost_response_retried(page, serve, tmp_path):
     candidates = [Candidate("Greet", ("Hello!", "Go away.", "Hi :)"))]
-    server, items = serve(candidates, mode="rate", scale="thumbs", rater="cy")
+    server = serve(candidates, mode="rate", scale="thumbs", rater="cy")
 
     # The first POST reaches the server and is stored, but its response is "lost": the page
     # retries the same submission, which the server recognises, so it is stored only once.
@@ -196,7 +198,7 @@ def test_rate_thumbs_with_a_lost_response_retried(page, serve, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("RLHF_FEEDBACK_SCREENSHOT"), reason="set RLHF_FEEDBACK_SCREENSHOT=PATH.png")
-def test_screenshot_for_the_docs(browser, serve):
+def test_screenshot_for_the_docs(browser, serve):  # noqa: D103
     haiku = Candidate(
         "Write a haiku about code review.",
         ("Small diff, kind words,\nthe tests pass on the first try,\nmerge before the rain.",
@@ -212,7 +214,7 @@ def test_screenshot_for_the_docs(browser, serve):
         ),
         "policy", "ppo/step-2000",
     )
-    server, _ = serve([haiku, sky], rater="alice")
+    server = serve([haiku, sky], rater="alice")
     context = browser.new_context(viewport={"width": 1000, "height": 600}, color_scheme="light")
     page = context.new_page()
     page.goto(server.url)
