@@ -142,8 +142,10 @@ def postgres_url():
     import shutil
     import socket
 
-    bindir = next((d for d in ("/usr/local/bin", "/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin",
-                               "/usr/lib/postgresql/15/bin") if os.path.exists(os.path.join(d, "initdb"))), None)
+    import glob
+
+    dirs = ["/usr/local/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]  # Debian's layout
+    bindir = next((d for d in dirs if os.path.exists(os.path.join(d, "initdb"))), None)
     if bindir is None and shutil.which("initdb"):
         bindir = os.path.dirname(shutil.which("initdb"))
     if bindir is None:
