@@ -353,6 +353,31 @@ def test_cli_serve_end_to_end(tmp_path, feedback_server):
     assert counts["pairs"] == 1
 
 
+def test_cli_serves_a_database_from_the_earlier_page(tmp_path, feedback_server):
+    """A SQLite file the standard-library page wrote (FeedbackStore) is migrated, rows kept."""
+    from rlhf.feedback.store import FeedbackStore
+
+    db = tmp_path / "old.sqlite"
+    store = FeedbackStore(db)
+    items = make_items(CANDIDATES, "compare")
+    store.add_items(items)
+    store.record(submission_id="old-sub-0001", rater="ann", item=items[0], choice="A", order=(1, 0))
+    store.record(submission_id="old-sub-0002", rater="ann", item=items[1], choice="B", order=(0, 1))
+    store.undo_last(submission_id="old-undo-001", rater="ann", mode="compare")
+    before = export(db, tmp_path / "before")
+    server = feedback_server("--db", str(db), "--rater", "ann")  # no --candidates: the stored items
+    assert "Serving 5 compare items" in server.lines[0]
+    c = Http(server.url)
+    page = c.get()[2]
+    assert "1 / 5 rated" in page and form_fields(page, "/rate")["item_id"] == items[1].id  # file order, resumed
+    status, headers, _ = c.post("/rate", form_fields(page, "/rate") | {"choice": "tie"})
+    assert headers["X-Feedback-Status"] == "saved"
+    rows = FeedbackStore(db).ratings(include_undone=True)
+    assert [(r.submission_id, r.choice, r.undone_at is not None) for r in rows[:2]] == [
+        ("old-sub-0001", "A", False), ("old-sub-0002", "B", True)]
+    assert export(db, tmp_path / "after") == before | {"ties": 1}
+
+
 def test_cli_refuses_open_bind_without_token(tmp_path):
     from rlhf.feedback.cli import main
 

@@ -38,9 +38,37 @@ def configure(config: dict) -> None:
 
 
 def migrate() -> None:
+    """Apply the migrations; a SQLite file written by the earlier standard-library page
+    (tables `items` and `ratings`, no Django) is carried over first, every row kept."""
     from django.core.management import call_command
+    from django.db import connection
 
+    tables = set(connection.introspection.table_names())
+    legacy = connection.vendor == "sqlite" and "ratings" in tables and "django_migrations" not in tables
+    if legacy:
+        with connection.cursor() as cur:
+            cur.execute("ALTER TABLE ratings RENAME TO legacy_ratings")
+            for index in ("ratings_one_live", "ratings_by_rater"):
+                cur.execute(f"DROP INDEX IF EXISTS {index}")
     call_command("migrate", interactive=False, verbosity=0)
+    if legacy:
+        _copy_legacy(connection, has_items="items" in tables)
+
+
+def _copy_legacy(connection, has_items: bool) -> None:
+    from django.db import transaction
+
+    columns = ("id, submission_id, rater, created_at, mode, item_id, prompt, shown, shown_order, choice, "
+               "model, checkpoint, undone_at, undone_by")
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(f"INSERT INTO ratings ({columns}) SELECT {columns} FROM legacy_ratings ORDER BY id")
+        cur.execute("DROP TABLE legacy_ratings")
+        if has_items:
+            cur.execute(
+                "INSERT INTO feedback_item (key, mode, prompt, responses, indices, model, checkpoint, added_at) "
+                "SELECT id, mode, prompt, responses, indices, model, checkpoint, added_at FROM items ORDER BY rowid"
+            )
+            cur.execute("DROP TABLE items")
 
 
 def bind(host: str, port: int) -> socket.socket:
