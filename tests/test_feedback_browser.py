@@ -197,6 +197,30 @@ def test_rate_thumbs_with_a_lost_response_retried(page, serve, tmp_path):
     assert len(FeedbackStore(tmp_path / "fb.sqlite").ratings(include_undone=True)) == 4
 
 
+def test_rate_stars_logged_in_then_log_out(page, serve, tmp_path):
+    add_raters(["--db", str(tmp_path / "fb.sqlite")], ["dee"])
+    server = serve([Candidate("Name a colour", ("Blue", "Seven"))], mode="rate", scale="stars")
+    page.goto(server.url)
+    page.get_by_label("Name").fill("dee")
+    page.get_by_label("Password").fill("correct-horse")
+    page.get_by_role("button", name="Start rating").click()
+    wait_count(page, 0, 2)
+    page.keyboard.press("5")  # Blue -> 5 stars
+    wait_count(page, 1, 2)
+    page.get_by_role("button", name=re.compile("^★ 1")).click()  # Seven -> 1 star, with the mouse
+    wait_count(page, 2, 2)
+    assert "All done" in page.locator("#app").text_content()
+    page.get_by_role("button", name="log out").click()
+    page.wait_for_url(re.compile(r"/login/$"))
+    assert page.errors == []
+    export(tmp_path / "fb.sqlite", tmp_path / "out")
+    assert read_jsonl(tmp_path / "out" / "ratings.jsonl") == [
+        {"prompt": "Name a colour", "response": "Blue", "rating": 5},
+        {"prompt": "Name a colour", "response": "Seven", "rating": 1},
+    ]
+    assert {r.rater for r in FeedbackStore(tmp_path / "fb.sqlite").ratings()} == {"dee"}
+
+
 @pytest.mark.skipif(not os.environ.get("RLHF_FEEDBACK_SCREENSHOT"), reason="set RLHF_FEEDBACK_SCREENSHOT=PATH.png")
 def test_screenshot_for_the_docs(browser, serve):  # noqa: D103
     haiku = Candidate(
