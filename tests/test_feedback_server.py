@@ -99,7 +99,7 @@ def shown(page: str) -> list[str]:
 
 
 def post(c, path, fields, fetch=True):
-    headers = {"HTTP_X_REQUESTED_WITH": "fetch"} if fetch else {}
+    headers = {"HTTP_HX_REQUEST": "true"} if fetch else {}
     return c.post(path, urlencode(fields), content_type="application/x-www-form-urlencoded", **headers)
 
 
@@ -118,7 +118,8 @@ def test_page_escapes_model_and_user_text(site):
     assert "ev&quot;il&lt;i&gt;" in page
     csp = r["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
-    assert "<script>" not in page.replace('<script src="/static/feedback/feedback.js" defer></script>', "")
+    scripts = re.findall(r"<script[^>]*>", page)
+    assert scripts == ['<script src="/static/feedback/htmx.min.js" defer>', '<script src="/static/feedback/feedback.js" defer>']
     assert r["X-Content-Type-Options"] == "nosniff" and r["X-Frame-Options"] == "DENY"
 
 
@@ -129,6 +130,8 @@ def test_static_files_and_unknown_paths(site):
     assert r.status_code == 200 and r["Content-Type"].startswith("text/javascript")
     assert b"keydown" in b"".join(r.streaming_content)
     assert c.get("/static/feedback/feedback.css").status_code == 200
+    r = c.get("/static/feedback/htmx.min.js")  # htmx ships in the package: no CDN
+    assert r.status_code == 200 and b"htmx" in b"".join(r.streaming_content)[:200]
     assert c.get("/static/admin/css/base.css").status_code == 200  # the admin's own assets
     for path in ("/nope", "/static/../settings.py", "/static/feedback/", "/static/%2e%2e/web/settings.py", "/favicon.ico"):
         assert c.get(path).status_code == 404, path
@@ -317,7 +320,7 @@ class Http:
     def post(self, path, fields: dict, fetch=True):
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
         if fetch:
-            headers["X-Requested-With"] = "fetch"
+            headers["HX-Request"] = "true"
         return self.request("POST", path, body=urlencode(fields).encode(), headers=headers)
 
     def login(self, name: str, password: str) -> None:

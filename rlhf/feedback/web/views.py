@@ -1,7 +1,7 @@
 """Views: the page, the rate / undo posts, login, static files, and the CSRF failure answer.
 
-A POST from the page's JS (header `X-Requested-With: fetch`) is answered with the fragment
-(`feedback/main.html`) it swaps in; a plain form POST (no JS) with a 303 back to `/`.
+A POST from htmx (header `HX-Request: true`) is answered with the fragment
+(`feedback/main.html`) it swaps into `#app`; a plain form POST (no JS) with a 303 back to `/`.
 The header `X-Feedback-Status` says what a write did: saved | duplicate | already_rated |
 undone | nothing_to_undo.
 """
@@ -116,7 +116,7 @@ def _form(request) -> dict[str, str] | HttpResponse:
 
 
 def _respond(request, rater: str, status: str, focus: str | None = None) -> HttpResponse:
-    if request.headers.get("X-Requested-With") == "fetch":
+    if request.headers.get("HX-Request") == "true":
         response = render(request, "feedback/main.html", _context(rater, flash=status, focus=focus))
     else:
         response = HttpResponseRedirect(f"/?m={status}" + (f"&item={focus}" if focus else ""))

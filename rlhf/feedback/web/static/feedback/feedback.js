@@ -1,66 +1,78 @@
-// rlhf feedback page: post forms with fetch, swap in the fragment the server returns,
-// keyboard shortcuts, and retries that are safe because every form carries a submission id.
-// Without JS the same forms still work (plain POST + redirect).
+// rlhf feedback page. htmx (htmx.min.js, shipped beside this file) posts the forms (hx-post)
+// and swaps the fragment the server answers into #app. This file adds what htmx does not do:
+// keyboard shortcuts, an error line, ignoring keys and clicks while a rating is being saved,
+// and retrying a POST whose answer was lost (safe: every form carries a submission id, so the
+// server stores a retried submission once). Without JS the same forms post normally.
 (() => {
   "use strict";
   const app = () => document.getElementById("app");
-  const errorBox = () => document.getElementById("error");
-  let busy = false;
+  let busy = false; // a request is in flight (or waiting to be retried)
+  let retrying = false; // the next htmx:beforeRequest is our own retry
+  let attempt = 0;
+  let choice = {}; // the submit button's name/value of the form in flight (for retries)
 
   function showError(message) {
-    const box = errorBox();
+    const box = document.getElementById("error");
     box.textContent = message;
     box.hidden = !message;
   }
 
-  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-  async function post(form, submitter) {
-    if (busy) return;
-    busy = true;
-    app().classList.add("busy");
-    const data = new URLSearchParams(new FormData(form));
-    if (submitter && submitter.name) data.append(submitter.name, submitter.value);
-    if (submitter) submitter.classList.add("pressed");
-    try {
-      for (let attempt = 0; ; attempt++) {
-        let res;
-        try {
-          res = await fetch(form.action, {
-            method: "POST",
-            body: data,
-            credentials: "same-origin",
-            headers: { "X-Requested-With": "fetch" },
-          });
-        } catch (err) {
-          // Network trouble: resend the very same body. The submission id makes it idempotent.
-          if (attempt >= 5) {
-            showError("Cannot reach the server; this rating is not saved yet. Try again.");
-            return;
-          }
-          showError(`Connection problem, retrying (${attempt + 1})…`);
-          await sleep(300 * 2 ** attempt);
-          continue;
-        }
-        if (!res.ok) {
-          showError((await res.text()) || `Error ${res.status}`);
-          return;
-        }
-        showError("");
-        app().innerHTML = await res.text();
-        return;
-      }
-    } finally {
-      busy = false;
-      app().classList.remove("busy");
-    }
+  function done() {
+    busy = false;
+    attempt = 0;
+    app().classList.remove("busy");
   }
 
-  document.addEventListener("submit", (event) => {
-    const form = event.target;
-    if (!(form instanceof HTMLFormElement) || !form.hasAttribute("data-fetch")) return;
-    event.preventDefault();
-    post(form, event.submitter);
+  document.addEventListener(
+    "click",
+    (event) => {
+      const button = event.target.closest && event.target.closest("#app button[type=submit]");
+      if (!button) return;
+      // htmx wires up swapped-in forms as the swap settles; a key pressed in that moment would
+      // otherwise post the form natively (a whole page load). Make sure this one is wired now.
+      if (button.form && window.htmx) htmx.process(button.form);
+      if (!busy) choice = button.name ? { [button.name]: button.value } : {};
+    },
+    true,
+  );
+
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    if (busy && !retrying) {
+      event.preventDefault(); // one rating at a time: a fast double press cannot rate the next card
+      return;
+    }
+    retrying = false;
+    busy = true;
+    app().classList.add("busy");
+  });
+
+  document.addEventListener("htmx:afterRequest", (event) => {
+    const xhr = event.detail.xhr;
+    if (!xhr || xhr.status === 0) return; // no answer: htmx:sendError decides
+    if (event.detail.successful) showError("");
+    done();
+  });
+
+  document.addEventListener("htmx:responseError", (event) => {
+    const xhr = event.detail.xhr;
+    showError(xhr.responseText || `Error ${xhr.status}`);
+  });
+
+  document.addEventListener("htmx:sendError", (event) => {
+    const form = event.detail.elt;
+    const path = event.detail.requestConfig && event.detail.requestConfig.path;
+    if (attempt >= 5 || !form || !path) {
+      showError("Cannot reach the server; this rating is not saved yet. Try again.");
+      done();
+      return;
+    }
+    attempt += 1;
+    showError(`Connection problem, retrying (${attempt})…`);
+    // Resend the very same form (same submission id) with the same button's value.
+    setTimeout(() => {
+      retrying = true;
+      htmx.ajax("POST", path, { source: form, target: "#app", swap: "innerHTML", values: choice });
+    }, 300 * 2 ** (attempt - 1));
   });
 
   document.addEventListener("keydown", (event) => {
