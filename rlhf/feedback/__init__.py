@@ -6,6 +6,6 @@ judgements as the `pairs.jsonl` / `ratings.jsonl` files the training stages read
 docs/feedback.md.
 
 The page is a Django app (rlhf/feedback/web/) served by gunicorn, on SQLite by default or
-PostgreSQL (`--database-url`), with a few lines of vanilla JS. `store.py` reads and writes the same
+PostgreSQL (`--database-url`), with htmx shipped as a static file. `store.py` reads and writes the same
 `ratings` table without Django (export, tests).
 """
