@@ -1,4 +1,5 @@
-"""Feedback page in a real browser: Debian's chromium, headless, driven by Playwright.
+"""Feedback page in a real browser: Debian's chromium, headless, driven by Playwright, against
+the real server (`python -m rlhf feedback serve`: Django under gunicorn).
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and `pip install playwright` (never
 `playwright install`: we use the system browser). `.ci/feedback_deps.sh` installs both.
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.feedback.candidates import Candidate, make_items
+from conftest import add_raters
+
+from rlhf.feedback.candidates import Candidate
 from rlhf.feedback.export import export
-from rlhf.feedback.server import FeedbackApp, start_in_thread
 from rlhf.feedback.store import FeedbackStore
 
 CHROMIUM = "/usr/bin/chromium"
@@ -50,21 +52,18 @@ def browser():
 
 
 @pytest.fixture
-def serve(tmp_path):
-    servers = []
-
+def serve(tmp_path, feedback_server):
     def start(candidates, mode="compare", scale="stars", rater=None):
-        store = FeedbackStore(tmp_path / "fb.sqlite")
-        items = make_items(candidates, mode)
-        store.add_items(items)
-        server = start_in_thread(FeedbackApp(store, items, mode, scale=scale, rater=rater, quiet=True))
-        servers.append(server)
-        return server, items
+        cands = tmp_path / "candidates.jsonl"
+        cands.write_text("".join(
+            json.dumps({"prompt": c.prompt, "responses": list(c.responses), "model": c.model,
+                        "checkpoint": c.checkpoint}) + "\n"
+            for c in candidates
+        ))
+        args = ["--candidates", str(cands), "--db", str(tmp_path / "fb.sqlite"), "--mode", mode, "--scale", scale]
+        return feedback_server(*args, *(["--rater", rater] if rater else []))
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 @pytest.fixture
@@ -76,6 +75,10 @@ def page(browser):
     page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
     page.errors = []
     page.on("pageerror", lambda err: page.errors.append(str(err)))
+    page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))  # CSP violations too
+    page.posts = []  # (path, sent by htmx?)
+    page.on("request", lambda r: r.method == "POST" and page.posts.append(
+        (r.url.split("/", 3)[3], r.headers.get("hx-request") == "true")))
     yield page
     context.close()
 
@@ -102,11 +105,14 @@ def test_compare_with_mouse_keyboard_and_undo(page, serve, tmp_path):
         Candidate("Count to three", ("1 2 3", "one, two")),
         Candidate("Capital of France?", ("Paris", "Lyon")),
     ]
-    server, items = serve(candidates)
+    add_raters(["--db", str(tmp_path / "fb.sqlite")], ["bob"])
+    server = serve(candidates)
     page.goto(server.url)
 
-    # who is rating: typed, submitted with Enter
+    # who is rating: a rater account logs in (the password submitted with Enter)
+    assert page.url.endswith("/login/?next=/")
     page.get_by_label("Name").fill("bob")
+    page.get_by_label("Password").fill("correct-horse")
     page.keyboard.press("Enter")
     wait_count(page, 0, 3)
     assert page.locator(".who b").text_content() == "bob"
@@ -140,6 +146,10 @@ def test_compare_with_mouse_keyboard_and_undo(page, serve, tmp_path):
     wait_count(page, 3, 3)
 
     assert page.dialogs == [] and page.errors == []
+    assert page.evaluate("typeof htmx.ajax") == "function"
+    # after the login form, every post went through htmx (fragments swapped in, no page loads)
+    assert page.posts[0] == ("login/", False) and all(htmx for _, htmx in page.posts[1:]), page.posts
+    assert len(page.posts) == 8
     counts = export(tmp_path / "fb.sqlite", tmp_path / "out")
     assert counts == {"pairs": 2, "ties": 1, "both_bad": 0, "ratings_stars": 0, "ratings_thumbs": 0, "undone": 2}
     assert read_jsonl(tmp_path / "out" / "pairs.jsonl") == [
@@ -153,7 +163,7 @@ def test_compare_with_mouse_keyboard_and_undo(page, serve, tmp_path):
 
 def test_rate_thumbs_with_a_lost_response_retried(page, serve, tmp_path):
     candidates = [Candidate("Greet", ("Hello!", "Go away.", "Hi :)"))]
-    server, items = serve(candidates, mode="rate", scale="thumbs", rater="cy")
+    server = serve(candidates, mode="rate", scale="thumbs", rater="cy")
 
     # The first POST reaches the server and is stored, but its response is "lost": the page
     # retries the same submission, which the server recognises, so it is stored only once.
@@ -184,7 +194,9 @@ def test_rate_thumbs_with_a_lost_response_retried(page, serve, tmp_path):
     page.keyboard.press("u")  # Hi :) -> up
     wait_count(page, 3, 3)
 
-    assert page.errors == []
+    # the lost answer itself is logged (by the browser and by htmx); nothing else is
+    expected = re.compile(r"ERR_CONNECTION_RESET|^htmx:(afterRequest|sendError)")
+    assert [e for e in page.errors if not expected.search(e)] == []
     counts = export(tmp_path / "fb.sqlite", tmp_path / "out")
     assert counts["ratings_thumbs"] == 3 and counts["undone"] == 1
     assert read_jsonl(tmp_path / "out" / "ratings.jsonl") == [
@@ -195,8 +207,32 @@ def test_rate_thumbs_with_a_lost_response_retried(page, serve, tmp_path):
     assert len(FeedbackStore(tmp_path / "fb.sqlite").ratings(include_undone=True)) == 4
 
 
+def test_rate_stars_logged_in_then_log_out(page, serve, tmp_path):
+    add_raters(["--db", str(tmp_path / "fb.sqlite")], ["dee"])
+    server = serve([Candidate("Name a colour", ("Blue", "Seven"))], mode="rate", scale="stars")
+    page.goto(server.url)
+    page.get_by_label("Name").fill("dee")
+    page.get_by_label("Password").fill("correct-horse")
+    page.get_by_role("button", name="Start rating").click()
+    wait_count(page, 0, 2)
+    page.keyboard.press("5")  # Blue -> 5 stars
+    wait_count(page, 1, 2)
+    page.get_by_role("button", name=re.compile("^★ 1")).click()  # Seven -> 1 star, with the mouse
+    wait_count(page, 2, 2)
+    assert "All done" in page.locator("#app").text_content()
+    page.get_by_role("button", name="log out").click()
+    page.wait_for_url(re.compile(r"/login/$"))
+    assert page.errors == []
+    export(tmp_path / "fb.sqlite", tmp_path / "out")
+    assert read_jsonl(tmp_path / "out" / "ratings.jsonl") == [
+        {"prompt": "Name a colour", "response": "Blue", "rating": 5},
+        {"prompt": "Name a colour", "response": "Seven", "rating": 1},
+    ]
+    assert {r.rater for r in FeedbackStore(tmp_path / "fb.sqlite").ratings()} == {"dee"}
+
+
 @pytest.mark.skipif(not os.environ.get("RLHF_FEEDBACK_SCREENSHOT"), reason="set RLHF_FEEDBACK_SCREENSHOT=PATH.png")
-def test_screenshot_for_the_docs(browser, serve):
+def test_screenshot_for_the_docs(browser, serve):  # noqa: D103
     haiku = Candidate(
         "Write a haiku about code review.",
         ("Small diff, kind words,\nthe tests pass on the first try,\nmerge before the rain.",
@@ -212,7 +248,7 @@ def test_screenshot_for_the_docs(browser, serve):
         ),
         "policy", "ppo/step-2000",
     )
-    server, _ = serve([haiku, sky], rater="alice")
+    server = serve([haiku, sky], rater="alice")
     context = browser.new_context(viewport={"width": 1000, "height": 600}, color_scheme="light")
     page = context.new_page()
     page.goto(server.url)

@@ -5,5 +5,7 @@ mode) or one response (rate mode); `python -m rlhf feedback export --db FILE --o
 judgements as the `pairs.jsonl` / `ratings.jsonl` files the training stages read. See
 docs/feedback.md.
 
-Standard library only: `http.server` + SQLite (WAL) + a few lines of vanilla JS.
+The page is a Django app (rlhf/feedback/web/) served by gunicorn, on SQLite by default or
+PostgreSQL (`--database-url`), with htmx shipped as a static file. `store.py` reads and writes the same
+`ratings` table without Django (export, tests).
 """

@@ -1,9 +1,10 @@
-"""`python -m rlhf feedback serve|export` (also `python -m rlhf.feedback ...`)."""
+"""`python -m rlhf feedback serve|export|sample|add-rater` (also `python -m rlhf.feedback ...`)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import getpass
 import os
 import sys
 from urllib.parse import quote
@@ -11,6 +12,8 @@ from urllib.parse import quote
 from rlhf.errors import RLHFError
 
 TOKEN_ENV = "RLHF_FEEDBACK_TOKEN"
+PASSWORD_ENV = "RLHF_FEEDBACK_PASSWORD"
+DATABASE_URL_HELP = "postgres://USER:PASSWORD@HOST:PORT/NAME: use this PostgreSQL database instead of --db"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,28 +21,34 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rlhf feedback",
         description="Collect human feedback on model responses in a local web page, and export it.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,export,sample}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,export,sample,add-rater}")
 
     serve = sub.add_parser("serve", help="start the feedback web page")
     serve.add_argument("--candidates", metavar="FILE.jsonl",
                        help='rows {"prompt", "responses": [...], "model"?, "checkpoint"?}; '
                             "without it, the items already stored in --db are served")
     serve.add_argument("--db", default="feedback.sqlite", help="SQLite file for ratings (default: %(default)s)")
+    serve.add_argument("--database-url", default=None, help=DATABASE_URL_HELP)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: %(default)s); any non-loopback address needs --token")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free port)")
     serve.add_argument("--token", default=None,
                        help=f"shared secret every request must carry (default: ${TOKEN_ENV} if set)")
     serve.add_argument("--rater", default=None,
-                       help="default rater name (otherwise the page asks each person for one)")
+                       help="rate as NAME without logging in (one person on their own machine); "
+                            "otherwise each rater logs in with an account from `add-rater`")
     serve.add_argument("--mode", choices=("compare", "rate"), default="compare",
                        help="compare: pick the better of two responses; rate: score one (default: %(default)s)")
     serve.add_argument("--scale", choices=("stars", "thumbs"), default="stars",
                        help="rate mode: 1-5 stars or thumbs up/down (default: %(default)s)")
     serve.add_argument("--quiet", action="store_true", help="do not log requests")
+    serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default: %(default)s)")
+    serve.add_argument("--threads", type=int, default=8, help="threads per worker (default: %(default)s)")
 
     export = sub.add_parser("export", help="write pairs.jsonl / ratings.jsonl for training")
-    export.add_argument("--db", required=True, help="the SQLite file `serve` wrote")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--db", help="the SQLite file `serve` wrote")
+    source.add_argument("--database-url", help="the PostgreSQL database `serve --database-url` wrote")
     export.add_argument("--out", required=True, metavar="DIR", help="output folder")
 
     sample = sub.add_parser("sample", help="write candidates by sampling a trained stage's policy")
@@ -52,13 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--model", default=None, help="model name to record (default: the stage folder's name)")
+
+    rater = sub.add_parser("add-rater", help="create (or reset the password of) a rater account")
+    rater.add_argument("names", nargs="+", metavar="NAME",
+                       help="the name a rater logs in with; ratings are stored under it")
+    rater.add_argument("--db", default="feedback.sqlite", help="SQLite file (default: %(default)s)")
+    rater.add_argument("--database-url", default=None, help=DATABASE_URL_HELP)
+    rater.add_argument("--admin", action="store_true", help="also let this account use /admin (browse ratings)")
+    rater.add_argument("--password-env", action="store_true",
+                       help=f"read the password from ${PASSWORD_ENV} instead of asking for it")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return {"serve": _serve, "export": _export, "sample": _sample}[args.command](args)
+        return {"serve": _serve, "export": _export, "sample": _sample, "add-rater": _add_rater}[args.command](args)
     except (RLHFError, OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -66,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from rlhf.feedback.candidates import load_candidates, make_items
-    from rlhf.feedback.server import FeedbackApp, is_loopback, make_server
-    from rlhf.feedback.store import FeedbackStore
+    from rlhf.feedback.web.serve import bind, configure, is_loopback, migrate, run_gunicorn, url_for
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     if not is_loopback(args.host) and not token:
@@ -82,43 +99,98 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port {args.port} is not a port number", file=sys.stderr)
         return 2
-
-    store = FeedbackStore(args.db)
-    if args.candidates:
-        items = make_items(load_candidates(args.candidates), args.mode)
-        new = store.add_items(items)
-        source = f"{args.candidates} ({new} new to {args.db})"
-    else:
-        items = store.load_items(args.mode)
-        source = args.db
-        if not items:
-            print(f"error: no {args.mode} items in {args.db} yet: pass --candidates FILE.jsonl", file=sys.stderr)
-            return 2
-    app = FeedbackApp(store, items, args.mode, scale=args.scale, token=token, rater=args.rater, quiet=args.quiet)
+    if args.rater is not None and not (0 < len(args.rater) <= 150 and args.rater.isprintable()):
+        print("error: --rater must be 1-150 printable characters", file=sys.stderr)
+        return 2
+    where = _where(args)
+    items = make_items(load_candidates(args.candidates), args.mode) if args.candidates else None
+    if items is None and not args.database_url and not os.path.exists(args.db):
+        print(f"error: no {args.mode} items in {where} yet: pass --candidates FILE.jsonl", file=sys.stderr)
+        return 2
     try:
-        server = make_server(app, args.host, args.port)
+        sock = bind(args.host, args.port)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             print(f"error: port {args.port} is already in use (try --port 0 for any free port)", file=sys.stderr)
         else:
             print(f"error: cannot bind {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
         return 2
-    url = server.url + (f"?token={quote(token, safe='')}" if token else "")
+    url = url_for(sock)
+    configure(_config(args, mode=args.mode, scale=args.scale, token=token, rater=args.rater,
+                      port=sock.getsockname()[1], quiet=args.quiet))
+    migrate()
+    from rlhf.feedback.web import records
+
+    if items is not None:
+        new = records.add_items(items)
+        source = f"{args.candidates} ({new} new to {where})"
+    else:
+        items = records.load_items(args.mode)
+        source = where
+        if not items:
+            sock.close()
+            print(f"error: no {args.mode} items in {where} yet: pass --candidates FILE.jsonl", file=sys.stderr)
+            return 2
+    url += f"?token={quote(token, safe='')}" if token else ""
     print(f"Serving {len(items)} {args.mode} items from {source}", file=sys.stderr)
-    print(f"Open {url}   (ratings go to {args.db}; Ctrl+C stops)", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
+    print(f"Open {url}   (ratings go to {where}; Ctrl+C stops)", file=sys.stderr, flush=True)
+    run_gunicorn(sock, workers=args.workers, threads=args.threads, quiet=args.quiet)
+    return 0
+
+
+def _config(args: argparse.Namespace, **extra) -> dict:
+    return {"db": args.db, "database_url": args.database_url, **extra}
+
+
+def _where(args: argparse.Namespace) -> str:
+    if args.database_url:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(args.database_url)
+        return f"{url.scheme}://{url.hostname or ''}{':' if url.port else ''}{url.port or ''}{url.path}"
+    return args.db
+
+
+def _add_rater(args: argparse.Namespace) -> int:
+    from rlhf.feedback.web.serve import configure, migrate
+
+    if args.password_env:
+        password = os.environ.get(PASSWORD_ENV, "")
+    else:
+        password = getpass.getpass(f"password for {', '.join(args.names)}: ")
+        if password != getpass.getpass("again: "):
+            print("error: the passwords differ", file=sys.stderr)
+            return 2
+    if len(password) < 8:
+        print("error: use a password of at least 8 characters", file=sys.stderr)
+        return 2
+    configure(_config(args, quiet=True))
+    migrate()
+    from django.contrib.auth import get_user_model
+
+    for name in args.names:
+        user, created = get_user_model().objects.get_or_create(username=name)
+        user.set_password(password)
+        if args.admin:
+            user.is_staff = user.is_superuser = True
+        user.save()
+        what = "created" if created else "updated"
+        print(f"{what} rater {name!r} in {_where(args)}" + (" (admin)" if args.admin else ""))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from rlhf.feedback.export import export
 
-    counts = export(args.db, args.out)
+    if args.database_url:
+        from rlhf.feedback.web.serve import configure
+
+        configure(_config(args, quiet=True))
+        from rlhf.feedback.web import records
+
+        counts = export(None, args.out, rows=records.ratings(include_undone=True))
+    else:
+        counts = export(args.db, args.out)
     ratings = counts["ratings_stars"] + counts["ratings_thumbs"]
     print(
         f"wrote {os.path.join(args.out, 'pairs.jsonl')}: {counts['pairs']} pairs "

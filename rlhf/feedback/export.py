@@ -34,16 +34,18 @@ def rating_row(r: RatingRow) -> dict:
     return {"prompt": r.prompt, "response": r.shown[0], "rating": value}
 
 
-def export(db: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
+def export(db: str | os.PathLike | None, out_dir: str | os.PathLike, rows: list[RatingRow] | None = None) -> dict[str, int]:
     """Write `out_dir/pairs.jsonl` and `out_dir/ratings.jsonl`; -> counts.
 
+    Reads the SQLite file `db`, or takes `rows` (every rating, undone ones included) read
+    elsewhere (the page's PostgreSQL database, through the ORM).
     Counts: pairs, ties, both_bad (compare), ratings_stars, ratings_thumbs (rate), undone.
     """
-    db = Path(db)
-    if not db.is_file():
-        raise FileNotFoundError(f"{db}: feedback database not found")
-    store = FeedbackStore(db)
-    rows = store.ratings(include_undone=True)
+    if rows is None:
+        db = Path(db)
+        if not db.is_file():
+            raise FileNotFoundError(f"{db}: feedback database not found")
+        rows = FeedbackStore(db).ratings(include_undone=True)
     counts: Counter[str] = Counter()
     pairs, ratings = [], []
     for r in rows:
