@@ -56,6 +56,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.common import machine, write_result
+from benchmarks.trl_dpo import run_trl_dpo
 from rlhf.config import EvalConfig, TrainerConfig
 from rlhf.models import ModelConfig, load_hf_model, load_hf_tokenizer, make_tiny_checkpoint
 from rlhf.stage_context import StageContext
@@ -174,45 +175,10 @@ def run_rlhf(checkpoint: Path, data: Path, steps: int, workdir: Path, precision:
 
 
 def run_trl(checkpoint: Path, rows: list[dict], steps: int, workdir: Path, bf16: bool, gradient_checkpointing: bool, attention: str | None = None) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.steps: list[float] = []
-            self.cpu: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kw):
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
-            self.steps.append(self.end - self._t)
-            self.cpu.append(time.process_time() - self._c)
-
-    tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    tok.pad_token = tok.eos_token
-    kwargs = {"attn_implementation": attention} if attention else {}
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), local_files_only=True, **kwargs)
-    ref = AutoModelForCausalLM.from_pretrained(str(checkpoint), local_files_only=True, **kwargs)
-    args = DPOConfig(
-        output_dir=str(Path(tempfile.mkdtemp(dir=workdir))), per_device_train_batch_size=BATCH, max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10**6, save_strategy="no",
-        report_to="none", use_cpu=True, max_length=SEQ_LEN, beta=0.1, disable_dropout=True, seed=0,
-        dataloader_num_workers=0, max_grad_norm=1.0, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
-    )
-    timer = Timer()
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
-    first = trainer.train_dataset[0]
     # the same token counts as ours: TRL appends the EOS to each response
-    assert (len(first["prompt_ids"]), len(first["chosen_ids"]), len(first["rejected_ids"])) == (PROMPT_LEN, RESPONSE_LEN, RESPONSE_LEN), first
-    trainer.train()
-    assert len(timer.steps) == steps
-    return {"steps": timer.steps, "cpu": timer.cpu, "end_to_end_s": timer.end - timer.start}
+    run = run_trl_dpo(checkpoint, rows, steps, workdir, batch=BATCH, lr=LR, max_length=SEQ_LEN, lengths=(PROMPT_LEN, RESPONSE_LEN),
+                      bf16=bf16, gradient_checkpointing=gradient_checkpointing, attention=attention)
+    return {"steps": run["steps"], "cpu": run["cpu"], "end_to_end_s": run["end_to_end_s"]}
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
