@@ -87,6 +87,8 @@ def wait_count(page, rated: int, total: int) -> None:
     from playwright.sync_api import expect
 
     expect(page.locator(".count")).to_have_text(re.compile(rf"^{rated} / {total} rated"))
+    # the page's scripts are deferred: a key pressed before the load event would find no handler
+    page.wait_for_load_state("load")
 
 
 def current(page) -> tuple[str, list[str]]:
