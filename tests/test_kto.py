@@ -80,8 +80,10 @@ def test_builtin_rows_are_the_task_pairs_taken_apart(tmp_path):
     assert sum(d for _, _, d in items) == 3  # each pair: one up, one down
     batch = rows.make_batch(3, 0, 1)
     assert batch["tokens"].shape[0] == batch["mismatched_tokens"].shape[0] == 6
-    # row i's mismatched response is row i + 1's response, under row i's prompt
     assert torch.equal(batch["desirable"], torch.tensor([d for _, _, d in items]))
+    # row i's mismatched row: row i's prompt, then row i + 1's response
+    ids = batch["mismatched_tokens"][0][batch["mismatched_mask"][0].bool()].tolist()
+    assert ids == ctx.tokenizer.encode(items[1][1]) + [ctx.tokenizer.eos_id]
 
 
 def test_a_batch_of_one_row_has_no_mismatched_row(tmp_path):

@@ -97,6 +97,21 @@ class Outcome:
     item_id: str | None = None
 
 
+def check_judgement(submission_id: str, item: Item, choice: str, order: Iterable[int]) -> tuple[int, ...]:
+    """The rules every store applies before recording a judgement; -> `order` as a tuple.
+
+    Raises ValueError: a malformed submission id, a choice not of the item's mode, or an
+    `order` that is not a permutation of the item's responses."""
+    if not valid_submission_id(submission_id):
+        raise ValueError("submission id must be 8-64 characters of [A-Za-z0-9_-]")
+    if choice not in CHOICES[item.mode]:
+        raise ValueError(f"choice {choice!r} is not valid in {item.mode} mode")
+    order = tuple(order)
+    if sorted(order) != list(range(len(item.responses))):
+        raise ValueError(f"order {order} is not a permutation of the item's responses")
+    return order
+
+
 class FeedbackStore:
     def __init__(self, path: str | os.PathLike, busy_timeout_ms: int = 30_000):
         self.path = Path(path)
@@ -161,13 +176,7 @@ class FeedbackStore:
         Idempotent per `submission_id`: a repeat returns status "duplicate" and stores nothing.
         If the rater already has a live rating of this item -> "already_rated", nothing stored.
         """
-        if not valid_submission_id(submission_id):
-            raise ValueError("submission id must be 8-64 characters of [A-Za-z0-9_-]")
-        if choice not in CHOICES[item.mode]:
-            raise ValueError(f"choice {choice!r} is not valid in {item.mode} mode")
-        order = tuple(order)
-        if sorted(order) != list(range(len(item.responses))):
-            raise ValueError(f"order {order} is not a permutation of the item's responses")
+        order = check_judgement(submission_id, item, choice, order)
         shown = [item.responses[k] for k in order]
         shown_order = [item.indices[k] for k in order]
         with self.connect() as conn, _write(conn):

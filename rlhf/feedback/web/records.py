@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from django.db import IntegrityError, transaction
 
 from rlhf.feedback.candidates import Item
-from rlhf.feedback.store import CHOICES, Outcome, RatingRow, utc_now, valid_submission_id
+from rlhf.feedback.store import Outcome, RatingRow, check_judgement, utc_now, valid_submission_id
 from rlhf.feedback.web import models
 
 
@@ -41,13 +41,7 @@ def load_items(mode: str) -> list[Item]:
 
 
 def record(*, submission_id: str, rater: str, item: Item, choice: str, order: Iterable[int]) -> Outcome:
-    if not valid_submission_id(submission_id):
-        raise ValueError("submission id must be 8-64 characters of [A-Za-z0-9_-]")
-    if choice not in CHOICES[item.mode]:
-        raise ValueError(f"choice {choice!r} is not valid in {item.mode} mode")
-    order = tuple(order)
-    if sorted(order) != list(range(len(item.responses))):
-        raise ValueError(f"order {order} is not a permutation of the item's responses")
+    order = check_judgement(submission_id, item, choice, order)
     for _ in range(3):
         with transaction.atomic():
             row = models.Rating.objects.filter(submission_id=submission_id).values_list("id", "item_id").first()

@@ -125,14 +125,21 @@ def _respond(request, rater: str, status: str, focus: str | None = None) -> Http
     return response
 
 
-@require_POST
-def rate(request):
+def _rater_and_form(request):
+    """(rater, form) of a POST, or the response refusing it (not logged in, a bad body)."""
     rater = rater_for(request)
     if rater is None:
         return _text(403, "Log in first.")
     form = _form(request)
-    if isinstance(form, HttpResponse):
-        return form
+    return form if isinstance(form, HttpResponse) else (rater, form)
+
+
+@require_POST
+def rate(request):
+    posted = _rater_and_form(request)
+    if isinstance(posted, HttpResponse):
+        return posted
+    rater, form = posted
     mode = settings.FEEDBACK["mode"]
     by_id = {it.id: it for it in records.load_items(mode)}
     item = by_id.get(form.get("item_id", ""))
@@ -151,12 +158,10 @@ def rate(request):
 
 @require_POST
 def undo(request):
-    rater = rater_for(request)
-    if rater is None:
-        return _text(403, "Log in first.")
-    form = _form(request)
-    if isinstance(form, HttpResponse):
-        return form
+    posted = _rater_and_form(request)
+    if isinstance(posted, HttpResponse):
+        return posted
+    rater, form = posted
     try:
         outcome = records.undo_last(submission_id=form.get("submission_id", ""), rater=rater,
                                     mode=settings.FEEDBACK["mode"])
