@@ -61,13 +61,14 @@ def site(django_db):
 
     overrides = []
 
-    def start(mode="compare", scale="stars", token=None, rater="ann"):
+    def start(mode="compare", scale="stars", token=None, rater="ann", trainer_key=None, ratings_per_item=None):
         models.Rating.objects.all().delete()
         models.Item.objects.all().delete()
         get_user_model().objects.all().delete()
         records.add_items(make_items(CANDIDATES, mode))
         hosts = ["*"] if token else ["localhost", "127.0.0.1", "[::1]"]
-        o = override_settings(FEEDBACK={"mode": mode, "scale": scale, "token": token, "rater": rater},
+        o = override_settings(FEEDBACK={"mode": mode, "scale": scale, "token": token, "rater": rater,
+                                        "trainer_key": trainer_key, "ratings_per_item": ratings_per_item},
                               ALLOWED_HOSTS=hosts)
         o.enable()
         overrides.append(o)
@@ -285,6 +286,84 @@ def test_done_page(site):
     for _ in range(5):
         page = text(post(c, "/rate", form_fields(page, "/rate") | {"choice": "A"}))
     assert "All done" in page and "5 / 5 rated" in page
+
+
+def test_page_shows_model_and_round(site):
+    site()
+    page = text(client().get("/"))
+    assert '<p class="source muted">by <b>m1</b> · ck-1</p>' in page
+
+
+def test_ratings_per_item_shares_the_work(site):
+    """With ratings_per_item=1 an item one rater judged is not shown to the next."""
+    site(ratings_per_item=1)
+    ann, bob = client(), client()
+    first = form_fields(text(ann.get("/")), "/rate")
+    assert post(ann, "/rate", first | {"choice": "A"})["X-Feedback-Status"] == "saved"
+    with override_rater("bob"):
+        page = text(bob.get("/"))
+        assert form_fields(page, "/rate")["item_id"] != first["item_id"]
+        assert "0 / 4 rated" in page  # 5 items, one done by ann
+
+
+def override_rater(name):
+    from django.conf import settings
+    from django.test.utils import override_settings
+
+    return override_settings(FEEDBACK={**settings.FEEDBACK, "rater": name})
+
+
+API = {"HTTP_AUTHORIZATION": "Bearer " + "k" * 4}
+
+
+def api_items(c, rows, **headers):
+    return c.post("/api/items", json.dumps({"items": rows}), content_type="application/json", **headers)
+
+
+def test_trainer_api_publishes_and_reads(site):
+    """Publish is idempotent per content; ratings are read per model; undone ones are not."""
+    records = site(trainer_key="k" * 4, token="t" * 20)  # the API is exempt from the page's token
+    c = client()
+    rows = [{"mode": "compare", "prompt": "sort: cba\n", "responses": ["abc", "cba"], "model": "run/online", "checkpoint": "round 0"}]
+    first = api_items(c, rows, **API).json()
+    assert first["new"] == 1 and api_items(c, rows, **API).json() == {"ids": first["ids"], "new": 0}
+    item = records.get_item(first["ids"][0], "compare")
+    assert item.model == "run/online" and item.indices == (0, 1)
+    assert records.record(submission_id="s" * 10, rater="ann", item=item, choice="B", order=(1, 0)).status == "saved"
+    got = c.get("/api/ratings?model=run/online", **API).json()["ratings"]
+    assert [(r["rater"], r["choice"], r["shown"], r["checkpoint"]) for r in got] == [("ann", "B", ["cba", "abc"], "round 0")]
+    assert c.get("/api/ratings?model=other", **API).json()["ratings"] == []
+    records.undo_last(submission_id="u" * 10, rater="ann", mode="compare")
+    assert c.get("/api/ratings?model=run/online", **API).json()["ratings"] == []
+
+
+def test_trainer_api_refusals(site):
+    site(trainer_key="k" * 4)
+    c = client()
+    ok = [{"mode": "compare", "prompt": "p", "responses": ["a", "b"]}]
+    assert api_items(c, ok).status_code == 403
+    assert api_items(c, ok, HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
+    assert c.get("/api/ratings?model=m").status_code == 403
+    assert c.get("/api/ratings", **API).status_code == 400
+    for bad in ([{"mode": "compare", "prompt": "p", "responses": ["a"]}], [{"mode": "x", "prompt": "p", "responses": ["a", "b"]}],
+                [{"mode": "rate", "prompt": 3, "responses": ["a"]}], ["not an object"]):
+        r = api_items(c, bad, **API)
+        assert r.status_code == 400 and "bad items" in r.json()["error"]
+    assert c.post("/api/items", "{", content_type="application/json", **API).status_code == 400
+    site()  # no trainer key: the API is off
+    assert api_items(client(), ok, **API).status_code == 404
+
+
+def test_online_page_waits_for_the_next_round(site):
+    """With the trainer API on, the done card polls for new items instead of saying goodbye."""
+    site(trainer_key="k" * 4)
+    c = client()
+    page = text(c.get("/"))
+    for _ in range(5):
+        page = text(post(c, "/rate", form_fields(page, "/rate") | {"choice": "A"}))
+    assert "Nothing to rate right now" in page and 'hx-get="/" hx-trigger="every 3s"' in page
+    fragment = text(c.get("/", HTTP_HX_REQUEST="true"))
+    assert "<html" not in fragment and "Nothing to rate right now" in fragment
 
 
 # ------------------------------------------------------------------- the real server (CLI)

@@ -1,4 +1,4 @@
-"""`python -m rlhf feedback serve|export|sample|add-rater` (also `python -m rlhf.feedback ...`)."""
+"""`python -m rlhf feedback serve|export|sample|add-rater|simulate` (also `python -m rlhf.feedback ...`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rlhf.errors import RLHFError
 
 TOKEN_ENV = "RLHF_FEEDBACK_TOKEN"
 PASSWORD_ENV = "RLHF_FEEDBACK_PASSWORD"
+TRAINER_KEY_ENV = "RLHF_FEEDBACK_TRAINER_KEY"
 DATABASE_URL_HELP = "postgres://USER:PASSWORD@HOST:PORT/NAME: use this PostgreSQL database instead of --db"
 
 
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rlhf feedback",
         description="Collect human feedback on model responses in a local web page, and export it.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,export,sample,add-rater}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,export,sample,add-rater,simulate}")
 
     serve = sub.add_parser("serve", help="start the feedback web page")
     serve.add_argument("--candidates", metavar="FILE.jsonl",
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compare: pick the better of two responses; rate: score one (default: %(default)s)")
     serve.add_argument("--scale", choices=("stars", "thumbs"), default="stars",
                        help="rate mode: 1-5 stars or thumbs up/down (default: %(default)s)")
+    serve.add_argument("--ratings-per-item", type=int, default=None, metavar="K",
+                       help="show a rater only items rated fewer than K times so far (raters share the work; "
+                            "default: every rater rates every item)")
     serve.add_argument("--quiet", action="store_true", help="do not log requests")
     serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default: %(default)s)")
     serve.add_argument("--threads", type=int, default=8, help="threads per worker (default: %(default)s)")
@@ -70,13 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
     rater.add_argument("--admin", action="store_true", help="also let this account use /admin (browse ratings)")
     rater.add_argument("--password-env", action="store_true",
                        help=f"read the password from ${PASSWORD_ENV} instead of asking for it")
+
+    sim = sub.add_parser("simulate", help="rate through the page as simulated raters (a judge function plus noise)")
+    sim.add_argument("--url", required=True, help="the page's address as `serve` printed it (with its ?token=..., if any)")
+    sim.add_argument("--rater", action="append", required=True, metavar="NAME",
+                     help="an account from `add-rater` to rate as; repeat it or separate names by commas "
+                          "(one thread each)")
+    sim.add_argument("--password-env", action="store_true", required=True,
+                     help=f"read the raters' password from ${PASSWORD_ENV} (required: there is no prompt)")
+    sim.add_argument("--judge", default="rlhf.tasks.builtin.verifier_reward", metavar="MODULE.FUNCTION",
+                     help="fn(prompts, responses) -> scores in [0, 1] (default: %(default)s)")
+    sim.add_argument("--noise", type=float, default=0.0, help="chance of flipping a judgement (default: %(default)s)")
+    sim.add_argument("--seed", type=int, default=0, help="noise seed, mixed with each rater's name (default: %(default)s)")
+    sim.add_argument("--good", type=float, default=1.0, help="thumbs: up at a score >= this (default: %(default)s)")
+    sim.add_argument("--poll", type=float, default=0.5, metavar="SECONDS",
+                     help="with nothing to rate, look for new items this often (default: %(default)s)")
+    sim.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                     help="stop after this long with nothing to rate (default: never)")
+    sim.add_argument("--max-ratings", type=int, default=None, metavar="N", help="stop each rater after N ratings")
+    sim.add_argument("--exit-with-parent", action="store_true",
+                     help="stop when the process that started this one ends (a training stage's child)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return {"serve": _serve, "export": _export, "sample": _sample, "add-rater": _add_rater}[args.command](args)
+        return {"serve": _serve, "export": _export, "sample": _sample, "add-rater": _add_rater,
+                "simulate": _simulate}[args.command](args)
     except (RLHFError, OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -102,9 +127,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.rater is not None and not (0 < len(args.rater) <= 150 and args.rater.isprintable()):
         print("error: --rater must be 1-150 printable characters", file=sys.stderr)
         return 2
+    if args.ratings_per_item is not None and args.ratings_per_item < 1:
+        print("error: --ratings-per-item must be >= 1", file=sys.stderr)
+        return 2
     where = _where(args)
+    # with the trainer API on, a training run publishes the items: an empty start is fine
+    online = bool(os.environ.get(TRAINER_KEY_ENV))
     items = make_items(load_candidates(args.candidates), args.mode) if args.candidates else None
-    if items is None and not args.database_url and not os.path.exists(args.db):
+    if items is None and not online and not args.database_url and not os.path.exists(args.db):
         print(f"error: no {args.mode} items in {where} yet: pass --candidates FILE.jsonl", file=sys.stderr)
         return 2
     try:
@@ -117,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     url = url_for(sock)
     configure(_config(args, mode=args.mode, scale=args.scale, token=token, rater=args.rater,
-                      port=sock.getsockname()[1], quiet=args.quiet))
+                      port=sock.getsockname()[1], quiet=args.quiet, ratings_per_item=args.ratings_per_item))
     migrate()
     from rlhf.feedback.web import records
 
@@ -127,12 +157,13 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         items = records.load_items(args.mode)
         source = where
-        if not items:
+        if not items and not online:
             sock.close()
             print(f"error: no {args.mode} items in {where} yet: pass --candidates FILE.jsonl", file=sys.stderr)
             return 2
     url += f"?token={quote(token, safe='')}" if token else ""
-    print(f"Serving {len(items)} {args.mode} items from {source}", file=sys.stderr)
+    print(f"Serving {len(items)} {args.mode} items from {source}"
+          + ("; the trainer API is on (a training run publishes more)" if online else ""), file=sys.stderr)
     print(f"Open {url}   (ratings go to {where}; Ctrl+C stops)", file=sys.stderr, flush=True)
     run_gunicorn(sock, workers=args.workers, threads=args.threads, quiet=args.quiet)
     return 0
@@ -217,6 +248,33 @@ def _sample(args: argparse.Namespace) -> int:
         top_p=args.top_p, seed=args.seed, model=args.model, out=args.out,
     )
     print(f"wrote {args.out}: {len(cands)} prompts x {args.n} responses from {args.stage}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import time
+
+    from rlhf.feedback.simulate import run_raters
+
+    password = os.environ.get(PASSWORD_ENV, "")
+    if not password:
+        print(f"error: set ${PASSWORD_ENV} to the raters' password", file=sys.stderr)
+        return 2
+    raters = [name.strip() for arg in args.rater for name in arg.split(",") if name.strip()]
+    start = time.monotonic()
+
+    def progress(counts) -> None:
+        saved = sum(c["saved"] + c["duplicate"] for c in counts.values())
+        flipped = sum(c["flipped"] for c in counts.values())
+        print(f"simulate: {saved} ratings ({flipped} flipped) by {len(counts)} raters in {time.monotonic() - start:.0f} s",
+              file=sys.stderr, flush=True)
+
+    counts = run_raters(args.url, raters, password, judge=args.judge, noise=args.noise, seed=args.seed, good=args.good,
+                        poll_s=args.poll, idle_exit_s=args.idle_exit, max_ratings=args.max_ratings,
+                        exit_with_parent=args.exit_with_parent, progress=progress)
+    for name, c in counts.items():
+        print(f"rater {name}: saved {c['saved'] + c['duplicate']} (flipped {c['flipped']}), "
+              f"already rated {c['already_rated']}", flush=True)
     return 0
 
 

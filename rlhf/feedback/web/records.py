@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 
 from django.db import IntegrityError, transaction
+from django.db.models import Count, QuerySet
 
 from rlhf.feedback.candidates import Item
 from rlhf.feedback.store import Outcome, RatingRow, check_judgement, utc_now, valid_submission_id
@@ -38,6 +39,26 @@ def add_items(items: Iterable[Item]) -> int:
 
 def load_items(mode: str) -> list[Item]:
     return [row.as_item() for row in models.Item.objects.filter(mode=mode).order_by("id")]
+
+
+def get_item(key: str, mode: str) -> Item | None:
+    row = models.Item.objects.filter(key=key, mode=mode).first()
+    return row.as_item() if row else None
+
+
+def open_items(rater: str, mode: str, ratings_per_item: int | None = None) -> QuerySet:
+    """Items of `mode` still for `rater` (oldest first): not rated by them and, with
+    `ratings_per_item`, not yet rated that many times by anyone (so raters share the work)."""
+    live = models.Rating.objects.filter(mode=mode, undone_at__isnull=True)
+    todo = models.Item.objects.filter(mode=mode).exclude(key__in=live.filter(rater=rater).values("item_id"))
+    if ratings_per_item:
+        full = live.values("item_id").annotate(n=Count("id")).filter(n__gte=ratings_per_item).values("item_id")
+        todo = todo.exclude(key__in=full)
+    return todo.order_by("id")
+
+
+def rated_count(rater: str, mode: str) -> int:
+    return models.Rating.objects.filter(rater=rater, mode=mode, undone_at__isnull=True).count()
 
 
 def record(*, submission_id: str, rater: str, item: Item, choice: str, order: Iterable[int]) -> Outcome:
@@ -89,16 +110,14 @@ def undo_last(*, submission_id: str, rater: str, mode: str) -> Outcome:
     raise RuntimeError("could not undo (conflicting writes); try again")
 
 
-def rated_item_ids(rater: str, mode: str) -> set[str]:
-    return set(
-        models.Rating.objects.filter(rater=rater, mode=mode, undone_at__isnull=True).values_list("item_id", flat=True)
-    )
-
-
-def ratings(*, include_undone: bool = False) -> list[RatingRow]:
-    rows = models.Rating.objects.order_by("id")
+def ratings(*, include_undone: bool = False, model: str | None = None, after: int = 0) -> list[RatingRow]:
+    """Ratings in the order they were made; `model`: only of items published under that model
+    name (one training run's); `after`: only those with a larger id."""
+    rows = models.Rating.objects.filter(id__gt=after).order_by("id")
     if not include_undone:
         rows = rows.filter(undone_at__isnull=True)
+    if model is not None:
+        rows = rows.filter(model=model)
     return [
         RatingRow(r.id, r.submission_id, r.rater, r.created_at, r.mode, r.item_id, r.prompt,
                   tuple(json.loads(r.shown)), tuple(json.loads(r.shown_order)), r.choice, r.model,

@@ -2,7 +2,8 @@
 
 Keys: db (SQLite file), database_url (postgres://... wins over db), mode, scale, token, rater
 (a name used when nobody is logged in; for one person on their own machine), port (names the
-cookies, so two pages on one machine do not clash), secret_key, fast_hashing (tests only).
+cookies, so two pages on one machine do not clash), ratings_per_item, secret_key,
+fast_hashing (tests only). The trainer API's key comes from $RLHF_FEEDBACK_TRAINER_KEY.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ FEEDBACK = {
     "scale": CONFIG.get("scale", "stars"),
     "rater": CONFIG.get("rater") or None,
     "token": TOKEN,
+    # show a rater only items with fewer live ratings than this (None: every rater rates every item)
+    "ratings_per_item": CONFIG.get("ratings_per_item") or None,
+    # the trainer API's key (views.py): from the environment, not a command line `ps` shows
+    "trainer_key": os.environ.get("RLHF_FEEDBACK_TRAINER_KEY") or None,
 }
 PORT = int(CONFIG.get("port") or 0)
 

@@ -4,22 +4,31 @@ A POST from htmx (header `HX-Request: true`) is answered with the fragment
 (`feedback/main.html`) it swaps into `#app`; a plain form POST (no JS) with a 303 back to `/`.
 The header `X-Feedback-Status` says what a write did: saved | duplicate | already_rated |
 undone | nothing_to_undo.
+
+The trainer API (on when the page is started with $RLHF_FEEDBACK_TRAINER_KEY set; the online
+feedback stage's way in, from this machine or another): `POST /api/items` publishes items to
+rate, `GET /api/ratings?model=NAME&after=ID` reads the live ratings of the items published under NAME. Both
+need `Authorization: Bearer KEY`; they answer JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import mimetypes
 import secrets
+from dataclasses import asdict
 
 from django.conf import settings
 from django.contrib.staticfiles import finders
 from django.core.exceptions import SuspiciousFileOperation
-from django.http import FileResponse, Http404, HttpResponse, HttpResponseRedirect
+from django.http import FileResponse, Http404, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from rlhf.feedback.candidates import Item
+from rlhf.feedback.candidates import MODES, Item, item_id
 from rlhf.feedback.web import records
 
 FLASH = {
@@ -65,14 +74,26 @@ def rater_for(request) -> str | None:
     return settings.FEEDBACK.get("rater")
 
 
+def _next_item(todo, rater: str, per_item: int | None):
+    """The oldest open item; when raters share the work, a stable per-rater pick among the
+    oldest few, so raters who load the page at once do not all get the same item."""
+    if not per_item:
+        return todo.first()
+    keys = list(todo.values_list("key", flat=True)[:32])
+    if not keys:
+        return None
+    key = min(keys, key=lambda k: hashlib.sha256(f"{rater}\0{k}".encode("utf-8")).digest())
+    return todo.filter(key=key).first()
+
+
 def _context(rater: str, flash: str | None = None, focus: str | None = None) -> dict:
     mode, scale = settings.FEEDBACK["mode"], settings.FEEDBACK["scale"]
-    items = records.load_items(mode)
-    rated_ids = records.rated_item_ids(rater, mode)
-    todo = [it for it in items if it.id not in rated_ids]
-    item = next((it for it in todo if it.id == focus), todo[0] if todo else None)
-    rated = len(items) - len(todo)
-    total = len(items)
+    per_item = settings.FEEDBACK.get("ratings_per_item")
+    todo = records.open_items(rater, mode, per_item)
+    item = (todo.filter(key=focus).first() if focus else None) or _next_item(todo, rater, per_item)
+    item = item.as_item() if item else None
+    rated = records.rated_count(rater, mode)
+    total = rated + todo.count()
     order = order_for(item, rater) if item else ()
     if item is None:
         responses = []
@@ -92,6 +113,7 @@ def _context(rater: str, flash: str | None = None, focus: str | None = None) -> 
         "pct": 100 * rated // total if total else 100,
         "flash": FLASH.get(flash or ""), "submission_id": new_id(), "undo_id": new_id(),
         "undo_key": UNDO_KEY, "undo_key_upper": UNDO_KEY.upper(),
+        "online": bool(settings.FEEDBACK.get("trainer_key")),  # a trainer publishes more items
     }
 
 
@@ -105,7 +127,9 @@ def index(request):
     if rater is None:
         return HttpResponseRedirect(f"{settings.LOGIN_URL}?next=/")
     ctx = _context(rater, flash=request.GET.get("m"), focus=request.GET.get("item"))
-    return render(request, "feedback/page.html", ctx)
+    # htmx polling the "waiting for the next round" card gets the fragment only
+    template = "feedback/main.html" if request.headers.get("HX-Request") == "true" else "feedback/page.html"
+    return render(request, template, ctx)
 
 
 def _form(request) -> dict[str, str] | HttpResponse:
@@ -141,8 +165,7 @@ def rate(request):
         return posted
     rater, form = posted
     mode = settings.FEEDBACK["mode"]
-    by_id = {it.id: it for it in records.load_items(mode)}
-    item = by_id.get(form.get("item_id", ""))
+    item = records.get_item(form.get("item_id", ""), mode)
     if item is None:
         return _text(400, "Unknown item.")
     if form.get("choice") not in {v for v, _, _ in buttons_for(mode, settings.FEEDBACK["scale"])}:
@@ -189,3 +212,77 @@ def static(request, path: str):
 
 def csrf_failure(request, reason: str = "") -> HttpResponse:
     return _text(403, "CSRF check failed: reload the page and try again.")
+
+
+# ------------------------------------------------------------------------------ trainer API
+
+API_MAX_BODY = 16 * 1024 * 1024  # one publish request; the page's own forms stay at 64 KiB
+
+
+def _api_refusal(request) -> JsonResponse | None:
+    key = settings.FEEDBACK.get("trainer_key")
+    if not key:
+        return JsonResponse({"error": "the trainer API is off: start the page with $RLHF_FEEDBACK_TRAINER_KEY set"}, status=404)
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if not hmac.compare_digest(given.encode("utf-8", "replace"), key.encode("utf-8")):
+        return JsonResponse({"error": "wrong or missing trainer key (Authorization: Bearer KEY)"}, status=403)
+    return None
+
+
+def _item_from_json(row) -> Item:
+    if not isinstance(row, dict):
+        raise ValueError("each item must be an object")
+    mode, prompt, responses = row.get("mode"), row.get("prompt"), row.get("responses")
+    if mode not in MODES or not isinstance(prompt, str):
+        raise ValueError(f"item needs a mode in {MODES} and a string prompt")
+    if not isinstance(responses, list) or len(responses) != (2 if mode == "compare" else 1) or not all(isinstance(t, str) and t.strip() for t in responses):
+        raise ValueError("item needs 2 (compare) or 1 (rate) non-empty string responses")
+    model, checkpoint = row.get("model"), row.get("checkpoint")
+    if not all(v is None or isinstance(v, str) for v in (model, checkpoint)):
+        raise ValueError("model and checkpoint must be strings or null")
+    indices = row.get("indices", list(range(len(responses))))
+    if not isinstance(indices, list) or len(indices) != len(responses) or not all(isinstance(k, int) for k in indices):
+        raise ValueError("indices must be a list of integers, one per response")
+    # the id is the content's hash, so a retried publish stores nothing twice
+    key = item_id(mode, prompt, responses, model, checkpoint)
+    return Item(key, mode, prompt, tuple(responses), tuple(indices), model, checkpoint)
+
+
+@csrf_exempt  # no cookies: the bearer key is the credential, so a cross-site form cannot use it
+@require_POST
+def api_items(request):
+    """Publish items: body {"items": [{"mode", "prompt", "responses", "indices"?, "model"?,
+    "checkpoint"?}, ...]} -> {"ids": [...], "new": count}. Idempotent per item content."""
+    refused = _api_refusal(request)
+    if refused:
+        return refused
+    body = request.read(API_MAX_BODY + 1)
+    if len(body) > API_MAX_BODY:
+        return JsonResponse({"error": f"body over {API_MAX_BODY} bytes: publish in parts"}, status=413)
+    try:
+        rows = json.loads(body).get("items")
+        if not isinstance(rows, list):
+            raise ValueError('the body needs "items": [...]')
+        items = [_item_from_json(row) for row in rows]
+    except (ValueError, AttributeError) as err:
+        return JsonResponse({"error": f"bad items: {err}"}, status=400)
+    new = records.add_items(items)
+    return JsonResponse({"ids": [it.id for it in items], "new": new})
+
+
+@require_GET
+def api_ratings(request):
+    """Live ratings of the items published under `model` (required), with an id above `after`
+    (default 0), oldest first: {"ratings": [RatingRow as an object, ...]}."""
+    refused = _api_refusal(request)
+    if refused:
+        return refused
+    model = request.GET.get("model")
+    try:
+        after = int(request.GET.get("after", "0"))
+    except ValueError:
+        after = -1
+    if not model or after < 0:
+        return JsonResponse({"error": "pass model=NAME (and after=ID >= 0)"}, status=400)
+    rows = records.ratings(model=model, after=after)
+    return JsonResponse({"ratings": [asdict(r) for r in rows]})
