@@ -248,7 +248,7 @@ def test_screenshot_for_the_docs(browser, serve):  # noqa: D103
             "you look, scattered blue light reaches your eyes from the whole sky.",
             "The sky is blue because it reflects the colour of the oceans.",
         ),
-        "policy", "ppo/step-2000",
+        "my-run/online", "round 3",
     )
     server = serve([haiku, sky], rater="alice")
     context = browser.new_context(viewport={"width": 1000, "height": 600}, color_scheme="light")

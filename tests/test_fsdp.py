@@ -188,14 +188,6 @@ ONLINE = {
     # GRPO: each rollout sampled and scored with the whole weights, gathered once per rollout; its
     # loss is ~0 at one update per rollout (ratio 1, zero-mean advantages), so the weights are the check
     "grpo": ("recipe=grpo", "stages.sft.max_steps=2", *[f"stages.grpo.{key}" for key in ("max_steps=2", "rollout_batch_size=4", "group_size=4", "max_new_tokens=8", "eval_every=1")]),
-    # self-rewarding with EFT first: EFT's own answers and each round's candidates and verdicts
-    # come from the whole weights; the end-of-stage judge measurement gathers them too. SFT long
-    # enough for the judge to parse at all
-    "self_reward_eft": ("recipe=self_reward_eft", "task=easy", "stages.sft.max_steps=30", "stages.sft.batch_size=16", "stages.sft.judge_fraction=0.5",
-                        "stages.eft.max_steps=2", "stages.eft.num_prompts=8", "stages.eft.batch_size=8",
-                        *[f"stages.{slot}.{key}" for slot in ("dpo_iter1", "dpo_iter2") for key in (
-                            "steps_per_round=1", "max_steps=2", "batch_size=4", "num_candidates=3", "judge.num_samples=2",
-                            "judge.score_regex='(\\d)'", "eval_prompts=4", "max_new_tokens=8", "judge_batch_size=4", "judge.temperature=1.0")]),
 }
 
 
@@ -260,24 +252,27 @@ def test_two_nodes_launched_by_torchrun_match_two_local_processes(tmp_path):
 
 @pytest.mark.slow
 def test_the_full_recipe_under_fsdp_follows_ddp(tmp_path):
-    # SFT, SPIN (its opponent whole), two self-rewarding iterations and external-reward DPO (each
-    # round answered and judged by the whole weights, gathered once) and PPO (sampled whole once
+    # SFT, SPIN (its opponent whole), EFT (its own answers from the whole weights), two
+    # self-rewarding iterations and external-reward DPO (each round answered and judged by the
+    # whole weights, gathered once; the end-of-stage judge measurement too) and PPO (sampled whole once
     # per rollout; value head its own group), each sharded on 2 processes; the round-start
     # evaluations (rank 0 alone) are skipped when sharded. Each process samples its own share, so
     # the reference is the 2-process DDP run (the same rows), not one process
     iteration = ("steps_per_round=1", "max_steps=2", "batch_size=4", "num_candidates=3", "judge.num_samples=2",
                  "judge.score_regex='(\\d)'", "eval_prompts=4", "max_new_tokens=8", "judge_batch_size=4", "judge.temperature=1.0")
     recipe = ("recipe=full", "task=easy", "stages.sft.max_steps=30", "stages.sft.batch_size=16",
+              "+stage@stages.eft=eft", "order=[sft,spin,eft,dpo_iter1,dpo_iter2,erdpo,ppo]",
+              "stages.eft.max_steps=2", "stages.eft.num_prompts=8", "stages.eft.batch_size=8",
               *[f"stages.{slot}.{key}" for slot in ("spin", "erdpo") for key in ("max_steps=2", "steps_per_round=1", "batch_size=8", "max_new_tokens=8")],
               *[f"stages.ppo.{key}" for key in ("max_steps=2", "rollout_batch_size=8", "minibatch_size=4", "max_new_tokens=8", "eval_every=1")],
               *[f"stages.{slot}.{key}" for slot in ("dpo_iter1", "dpo_iter2") for key in iteration])
     ddp, ddp_output = _run_with_loss_curve(tmp_path / "ddp", "ddp_cpu", recipe)
     fsdp, output = _run_with_loss_curve(tmp_path / "fsdp", "fsdp_cpu", recipe)
-    assert fsdp["sharded"] and fsdp["world_size"] == 2 and len(list((tmp_path / "fsdp").glob("stages/*/COMPLETE"))) == 6
-    assert [len(losses) for losses in fsdp["stages"]] == [30, 2, 2, 2, 2, 2]
+    assert fsdp["sharded"] and fsdp["world_size"] == 2 and len(list((tmp_path / "fsdp").glob("stages/*/COMPLETE"))) == 7
+    assert [len(losses) for losses in fsdp["stages"]] == [30, 2, 2, 2, 2, 2, 2]
     for sharded_curve, ddp_curve in zip(fsdp["stages"], ddp["stages"]):
         assert sharded_curve == pytest.approx(ddp_curve, rel=1e-4, abs=1e-7)
-    for slot in ("01_spin", "05_ppo"):
+    for slot in ("01_spin", "06_ppo"):
         sharded, whole = (load_policy(tmp_path / run / "stages" / slot)[0].state_dict() for run in ("fsdp", "ddp"))
         for key in whole:
             torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5, msg=f"{slot} {key}")
