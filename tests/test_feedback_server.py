@@ -320,6 +320,15 @@ def api_items(c, rows, **headers):
     return c.post("/api/items", json.dumps({"items": rows}), content_type="application/json", **headers)
 
 
+def test_online_page_serves_the_newest_round_first(site):
+    """With the trainer API on, a rater gets the newest items first (the round a trainer waits on)."""
+    records = site(trainer_key="k" * 4)
+    c = client()
+    new = api_items(c, [{"mode": "compare", "prompt": "new", "responses": ["x", "y"], "model": "m", "checkpoint": "round 1"}], **API).json()
+    assert form_fields(text(c.get("/")), "/rate")["item_id"] == new["ids"][0]
+    assert records.open_items("ann", "compare").first().prompt == CANDIDATES[0].prompt  # oldest first otherwise
+
+
 def test_trainer_api_publishes_and_reads(site):
     """Publish is idempotent per content; ratings are read per model; undone ones are not."""
     records = site(trainer_key="k" * 4, token="t" * 20)  # the API is exempt from the page's token
@@ -346,10 +355,18 @@ def test_trainer_api_refusals(site):
     assert c.get("/api/ratings?model=m").status_code == 403
     assert c.get("/api/ratings", **API).status_code == 400
     for bad in ([{"mode": "compare", "prompt": "p", "responses": ["a"]}], [{"mode": "x", "prompt": "p", "responses": ["a", "b"]}],
-                [{"mode": "rate", "prompt": 3, "responses": ["a"]}], ["not an object"]):
+                [{"mode": "compare", "prompt": 3, "responses": ["a", "b"]}], ["not an object"]):
         r = api_items(c, bad, **API)
         assert r.status_code == 400 and "bad items" in r.json()["error"]
     assert c.post("/api/items", "{", content_type="application/json", **API).status_code == 400
+    assert c.post("/api/items", "[" * 200_000, content_type="application/json", **API).status_code == 400  # too deep
+    assert api_items(c, ok, HTTP_AUTHORIZATION="k" * 4).status_code == 403  # the key without "Bearer "
+    for bad, why in (([{"mode": "rate", "prompt": "p", "responses": ["a"]}], "serves compare items, not rate"),
+                     ([{"mode": "compare", "prompt": "p", "responses": ["a", "a"]}], "are the same"),
+                     ([{"mode": "compare", "prompt": "p\x00", "responses": ["a", "b"]}], "NUL"),
+                     ([{"mode": "compare", "prompt": "p", "responses": ["a", "b"], "indices": [True, False]}], "indices")):
+        r = api_items(c, bad, **API)
+        assert r.status_code == 400 and why in r.json()["error"], r.json()
     site()  # no trainer key: the API is off
     assert api_items(client(), ok, **API).status_code == 404
 

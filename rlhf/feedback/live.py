@@ -34,6 +34,7 @@ from rlhf.feedback.candidates import Item
 
 TRAINER_KEY_ENV = "RLHF_FEEDBACK_TRAINER_KEY"
 PASSWORD_ENV = "RLHF_FEEDBACK_PASSWORD"
+TOKEN_ENV = "RLHF_FEEDBACK_TOKEN"
 PUBLISH_BYTES = 4 * 1024 * 1024  # per request: well under the API's 16 MiB limit
 log = logging.getLogger("rlhf")
 
@@ -123,6 +124,8 @@ class LocalPage:
         self.key = secrets.token_urlsafe(32)
         self.url: Optional[str] = None
         self.procs: list[subprocess.Popen] = []
+        self.server: Optional[subprocess.Popen] = None
+        self.raters: Optional[subprocess.Popen] = None
 
     def _where(self) -> list[str]:
         return ["--database-url", self.database_url] if self.database_url else ["--db", self.db]
@@ -153,7 +156,7 @@ class LocalPage:
                 "--ratings-per-item", str(self.ratings_per_item), "--quiet"]
         if self.mode == "rate":
             args += ["--scale", "thumbs"]
-        server = self._spawn(args, page_log.name, env)
+        server = self.server = self._spawn(args, page_log.name, env)
         deadline = time.monotonic() + 120
         while self.url is None:
             with open(page_log, "rb") as fh:
@@ -172,8 +175,16 @@ class LocalPage:
                    "--exit-with-parent", *[a for name in names for a in ("--rater", name)]]
             if self.judge:
                 sim += ["--judge", self.judge]
-            self._spawn(sim, "simulated_raters.log", {**env, PASSWORD_ENV: password})
+            self.raters = self._spawn(sim, "simulated_raters.log", {**env, PASSWORD_ENV: password})
         return self.url
+
+    def check(self) -> None:
+        """Raises FeedbackPageError if the page has stopped; warns once if the simulated raters have."""
+        if self.server is not None and self.server.poll() is not None:
+            raise FeedbackPageError(f"the feedback page stopped (exit {self.server.returncode}); see {self.log_dir / 'feedback_page.log'}")
+        if self.raters is not None and self.raters.poll() is not None:
+            log.warning("the simulated raters stopped (exit %s); see %s", self.raters.returncode, self.log_dir / "simulated_raters.log")
+            self.raters = None
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

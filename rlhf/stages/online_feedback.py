@@ -50,7 +50,8 @@ from rlhf.config import StageConfig
 from rlhf.data.examples import PreferencePair
 from rlhf.errors import ConfigError, DataError
 from rlhf.feedback.candidates import Item, item_id
-from rlhf.feedback.live import TRAINER_KEY_ENV, LocalPage, TrainerClient
+from rlhf.feedback.live import TOKEN_ENV, TRAINER_KEY_ENV, FeedbackPageError, LocalPage, TrainerClient
+from rlhf.feedback.web.serve import is_loopback
 from rlhf.models import gather_policy, shard_in
 from rlhf.preference_batch import (
     PreferenceLossConfig,
@@ -160,11 +161,11 @@ def round_stats(rows: list[dict], items: list[dict], task) -> dict[str, float]:
 
 
 class OnlineFeedbackModule(L.LightningModule):
-    def __init__(self, ctx: StageContext, reference: Optional[torch.nn.Module], client: Optional[TrainerClient], model_name: str, url: Optional[str]):
+    def __init__(self, ctx: StageContext, reference: Optional[torch.nn.Module], client: Optional[TrainerClient], model_name: str, url: Optional[str], page: Optional[LocalPage]):
         super().__init__()
         self.policy, self.cfg, self.ctx = ctx.policy, ctx.cfg, ctx
         object.__setattr__(self, "reference", reference)  # not a submodule: out of optimizer, DDP, checkpoints
-        self.client, self.model_name, self.url = client, model_name, url
+        self.client, self.model_name, self.url, self.page = client, model_name, url, page
         self.round = -1
         self.data: Optional[RoundPairs] = None
         self.recent: deque = deque(maxlen=20)
@@ -186,7 +187,7 @@ class OnlineFeedbackModule(L.LightningModule):
     def _start_round(self, r: int) -> None:
         make = lambda: new_round_rows(self, r, self._make_rows, self.cfg.eval_prompts)  # noqa: E731
         rows, reloaded = load_or_make(round_path(self.ctx.stage_dir, r), make, self.trainer.is_global_zero)
-        if reloaded:
+        if reloaded and self.trainer.is_global_zero:
             log.info("%s round %d: reloaded", self.ctx.slot, r)
         items = files_rows(items_path(self.ctx.stage_dir, r))
         pairs = [row for row in rows if row["status"] == "pair"]
@@ -200,6 +201,8 @@ class OnlineFeedbackModule(L.LightningModule):
         stats = round_stats(rows, items, self.ctx.task)
         self.last_round.update(stats)
         log_now(self, stats)
+        if not self.trainer.is_global_zero:
+            return
         log.info("%s round %d: %s", self.ctx.slot, r, {k: round(v, 4) for k, v in stats.items()})
         if not pairs:
             log.warning("%s round %d: no A/B judgement came in; the round's steps train on nothing", self.ctx.slot, r)
@@ -256,33 +259,45 @@ class OnlineFeedbackModule(L.LightningModule):
             used = {row["rating_id"] for row in all_round_rows(self.ctx.stage_dir)}
             ids = {row["id"] for row in items}
             need = math.ceil(cfg.min_rated * len(ids))
+        waited = 0.0
         start = last_note = time.monotonic()
         while True:
             over = False
             if zero:
-                ratings = self.client.ratings(self.model_name)
+                if self.page is not None:
+                    self.page.check()  # the page the stage started is still up (else: one line)
+                ratings = [x for x in self.client.ratings(self.model_name) if x["item_id"] in self._run_items()]
                 per_item = Counter(x["item_id"] for x in ratings if x["item_id"] in ids)
                 rated = sum(n >= cfg.ratings_per_item for n in per_item.values())
                 waited = time.monotonic() - start
                 over = rated >= need or waited >= cfg.timeout_s
                 if over and rated < need:
-                    log.warning("%s round %d: timed out after %.0f s with %d of %d items rated; training on what came in", self.ctx.slot, r, waited, rated, len(ids))
+                    log.warning("%s round %d: timed out after %.0f s with %d of %d items rated", self.ctx.slot, r, waited, rated, len(ids))
                 elif not over and time.monotonic() - last_note >= cfg.progress_s:
-                    raters = len({x["rater"] for x in ratings})
-                    log.info("%s round %d: %d/%d items rated (%d raters so far), %.0f s to the timeout; rate at %s", self.ctx.slot, r, rated, len(ids), raters, cfg.timeout_s - waited, self.url)
+                    raters = len({x["rater"] for x in ratings if x["item_id"] in ids})
+                    log.info("%s round %d: %d/%d items rated (%d raters on this round), %.0f s to the timeout; rate at %s", self.ctx.slot, r, rated, len(ids), raters, cfg.timeout_s - waited, self.url)
                     last_note = time.monotonic()
             if rank_zero_says(over):
                 break
             if zero:
                 time.sleep(cfg.poll_s)
+        fresh = [x for x in ratings if x["id"] not in used] if zero else []
+        if rank_zero_says(not fresh and waited >= cfg.timeout_s):  # nothing at all: fail, resumably
+            raise FeedbackPageError(
+                f"stages.{self.ctx.slot} round {r}: no rating came in within timeout_s={cfg.timeout_s:g} s "
+                f"(raters at {self.url}?); its items stay published: continue with resume={Path(self.ctx.stage_dir).parent.parent}")
         if not zero:
             return None
-        self.last_round["round/wait_s"] = time.monotonic() - start
+        self.last_round["round/wait_s"] = waited
         finished = {}
         for path in sorted((Path(self.ctx.stage_dir) / "rounds").glob("items_*.jsonl")):
             finished.update({row["id"]: row["finished"] for row in read_round_rows(path)})
-        fresh = [x for x in ratings if x["id"] not in used]
         return [rating_row(x, k, finished) for k, x in enumerate(fresh)]
+
+    def _run_items(self) -> set[str]:
+        """Ids of every item this run published (another run may publish under the same model name)."""
+        rounds = Path(self.ctx.stage_dir) / "rounds"
+        return {row["id"] for path in sorted(rounds.glob("items_*.jsonl")) for row in read_round_rows(path)}
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -327,27 +342,29 @@ def run(ctx: StageContext) -> StageResult:
         raise ConfigError(f"stages.{ctx.slot}: task {ctx.run_cfg.task.name!r} has no training prompts to sample from")
     run_dir = Path(ctx.stage_dir).parent.parent
     model_name = f"{ctx.run_cfg.get('name') or run_dir.name}/{ctx.slot}"
+    if not cfg.url and not is_loopback(cfg.host) and not os.environ.get(TOKEN_ENV):
+        raise ConfigError(f"stages.{ctx.slot}.host={cfg.host} shares the page beyond this machine: set ${TOKEN_ENV} to a long random token first")
     page = client = url = None
-    if ctx.is_global_zero:
-        if cfg.url:
-            key = os.environ.get(TRAINER_KEY_ENV)
-            if not key:
-                raise ConfigError(f"stages.{ctx.slot}.url is set: put the page's trainer key in ${TRAINER_KEY_ENV} (as for its `feedback serve`)")
-            url = cfg.url
-            client = TrainerClient(url, key)
-        else:
-            page = LocalPage(
-                ctx.stage_dir, mode="compare", db=cfg.db or str(Path(ctx.stage_dir) / "feedback.sqlite"),
-                database_url=cfg.database_url, host=cfg.host, port=cfg.port, ratings_per_item=cfg.ratings_per_item,
-                simulated_raters=cfg.simulated_raters, noise=cfg.simulated_noise, judge=cfg.simulated_judge, seed=ctx.seed,
-            )
-            url = page.start()
-            client = TrainerClient(url, page.key)
+    try:
+        if ctx.is_global_zero:
+            if cfg.url:
+                key = os.environ.get(TRAINER_KEY_ENV)
+                if not key:
+                    raise ConfigError(f"stages.{ctx.slot}.url is set: put the page's trainer key in ${TRAINER_KEY_ENV} (as for its `feedback serve`)")
+                client = TrainerClient(cfg.url, key)
+            else:
+                page = LocalPage(
+                    ctx.stage_dir, mode="compare", db=cfg.db or str(Path(ctx.stage_dir) / "feedback.sqlite"),
+                    database_url=cfg.database_url, host=cfg.host, port=cfg.port, ratings_per_item=cfg.ratings_per_item,
+                    simulated_raters=cfg.simulated_raters, noise=cfg.simulated_noise, judge=cfg.simulated_judge, seed=ctx.seed,
+                )
+                client = TrainerClient(page.start(), page.key)
+            url = client.base + "/"  # never the ?token=: it would end up in the logs
+            client.ratings(model_name)  # reachable, and the key taken, before any sampling
             log.info("%s: the feedback page is at %s%s", ctx.slot, url,
                      f" ({cfg.simulated_raters} simulated raters, noise {cfg.simulated_noise})" if cfg.simulated_raters else "")
-    try:
         reference = starting_reference(ctx) if needs_reference(cfg) and not cfg.refresh_reference else None
-        module = OnlineFeedbackModule(ctx, reference, client, model_name, url)
+        module = OnlineFeedbackModule(ctx, reference, client, model_name, url, page)
         ctx.fit(module, round_batches(cfg.steps_per_round * cfg.accumulate_grad_batches))
     finally:
         if page is not None:

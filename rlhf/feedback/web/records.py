@@ -46,15 +46,15 @@ def get_item(key: str, mode: str) -> Item | None:
     return row.as_item() if row else None
 
 
-def open_items(rater: str, mode: str, ratings_per_item: int | None = None) -> QuerySet:
-    """Items of `mode` still for `rater` (oldest first): not rated by them and, with
+def open_items(rater: str, mode: str, ratings_per_item: int | None = None, newest_first: bool = False) -> QuerySet:
+    """Items of `mode` still for `rater` (oldest first, or newest): not rated by them and, with
     `ratings_per_item`, not yet rated that many times by anyone (so raters share the work)."""
     live = models.Rating.objects.filter(mode=mode, undone_at__isnull=True)
     todo = models.Item.objects.filter(mode=mode).exclude(key__in=live.filter(rater=rater).values("item_id"))
     if ratings_per_item:
         full = live.values("item_id").annotate(n=Count("id")).filter(n__gte=ratings_per_item).values("item_id")
         todo = todo.exclude(key__in=full)
-    return todo.order_by("id")
+    return todo.order_by("-id" if newest_first else "id")
 
 
 def rated_count(rater: str, mode: str) -> int:

@@ -75,8 +75,8 @@ def rater_for(request) -> str | None:
 
 
 def _next_item(todo, rater: str, per_item: int | None):
-    """The oldest open item; when raters share the work, a stable per-rater pick among the
-    oldest few, so raters who load the page at once do not all get the same item."""
+    """The first open item; when raters share the work, a stable per-rater pick among the
+    first few, so raters who load the page at once mostly get different items."""
     if not per_item:
         return todo.first()
     keys = list(todo.values_list("key", flat=True)[:32])
@@ -89,7 +89,9 @@ def _next_item(todo, rater: str, per_item: int | None):
 def _context(rater: str, flash: str | None = None, focus: str | None = None) -> dict:
     mode, scale = settings.FEEDBACK["mode"], settings.FEEDBACK["scale"]
     per_item = settings.FEEDBACK.get("ratings_per_item")
-    todo = records.open_items(rater, mode, per_item)
+    online = bool(settings.FEEDBACK.get("trainer_key"))
+    # a trainer waits on its newest round: those items first, leftovers of earlier rounds after
+    todo = records.open_items(rater, mode, per_item, newest_first=online)
     item = (todo.filter(key=focus).first() if focus else None) or _next_item(todo, rater, per_item)
     item = item.as_item() if item else None
     rated = records.rated_count(rater, mode)
@@ -113,7 +115,7 @@ def _context(rater: str, flash: str | None = None, focus: str | None = None) -> 
         "pct": 100 * rated // total if total else 100,
         "flash": FLASH.get(flash or ""), "submission_id": new_id(), "undo_id": new_id(),
         "undo_key": UNDO_KEY, "undo_key_upper": UNDO_KEY.upper(),
-        "online": bool(settings.FEEDBACK.get("trainer_key")),  # a trainer publishes more items
+        "online": online,  # a trainer publishes more items
     }
 
 
@@ -223,26 +225,34 @@ def _api_refusal(request) -> JsonResponse | None:
     key = settings.FEEDBACK.get("trainer_key")
     if not key:
         return JsonResponse({"error": "the trainer API is off: start the page with $RLHF_FEEDBACK_TRAINER_KEY set"}, status=404)
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "Bearer":
+        given = ""
     if not hmac.compare_digest(given.encode("utf-8", "replace"), key.encode("utf-8")):
         return JsonResponse({"error": "wrong or missing trainer key (Authorization: Bearer KEY)"}, status=403)
     return None
 
 
-def _item_from_json(row) -> Item:
+def _item_from_json(row, page_mode: str) -> Item:
     if not isinstance(row, dict):
         raise ValueError("each item must be an object")
     mode, prompt, responses = row.get("mode"), row.get("prompt"), row.get("responses")
     if mode not in MODES or not isinstance(prompt, str):
         raise ValueError(f"item needs a mode in {MODES} and a string prompt")
+    if mode != page_mode:  # stored, it would never be shown, and a trainer would wait for nothing
+        raise ValueError(f"this page serves {page_mode} items, not {mode} (start it with --mode {mode})")
     if not isinstance(responses, list) or len(responses) != (2 if mode == "compare" else 1) or not all(isinstance(t, str) and t.strip() for t in responses):
         raise ValueError("item needs 2 (compare) or 1 (rate) non-empty string responses")
+    if mode == "compare" and responses[0] == responses[1]:
+        raise ValueError("a compare item's two responses are the same")
     model, checkpoint = row.get("model"), row.get("checkpoint")
     if not all(v is None or isinstance(v, str) for v in (model, checkpoint)):
         raise ValueError("model and checkpoint must be strings or null")
+    if any("\x00" in t for t in (prompt, *responses, model or "", checkpoint or "")):
+        raise ValueError("text holds a NUL character")  # PostgreSQL cannot store it
     indices = row.get("indices", list(range(len(responses))))
-    if not isinstance(indices, list) or len(indices) != len(responses) or not all(isinstance(k, int) for k in indices):
-        raise ValueError("indices must be a list of integers, one per response")
+    if not isinstance(indices, list) or len(indices) != len(responses) or not all(type(k) is int and 0 <= k < 2**31 for k in indices):
+        raise ValueError("indices must be a list of non-negative integers, one per response")
     # the id is the content's hash, so a retried publish stores nothing twice
     key = item_id(mode, prompt, responses, model, checkpoint)
     return Item(key, mode, prompt, tuple(responses), tuple(indices), model, checkpoint)
@@ -257,14 +267,16 @@ def api_items(request):
     if refused:
         return refused
     body = request.read(API_MAX_BODY + 1)
+    if not body:
+        return JsonResponse({"error": "empty body (send it with a Content-Length)"}, status=400)
     if len(body) > API_MAX_BODY:
         return JsonResponse({"error": f"body over {API_MAX_BODY} bytes: publish in parts"}, status=413)
     try:
         rows = json.loads(body).get("items")
         if not isinstance(rows, list):
             raise ValueError('the body needs "items": [...]')
-        items = [_item_from_json(row) for row in rows]
-    except (ValueError, AttributeError) as err:
+        items = [_item_from_json(row, settings.FEEDBACK["mode"]) for row in rows]
+    except (ValueError, AttributeError, RecursionError) as err:
         return JsonResponse({"error": f"bad items: {err}"}, status=400)
     new = records.add_items(items)
     return JsonResponse({"ids": [it.id for it in items], "new": new})
