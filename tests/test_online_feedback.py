@@ -115,7 +115,6 @@ def test_killed_mid_round_resumes_with_every_rating_once(tmp_path, monkeypatch):
     assert len({r.rater for r in rows}) == 4 and {r.checkpoint for r in rows} >= {"round 0", "round 1", "round 2"}
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["rounds/ratings"] == len(used) and metrics["rounds/pairs"] > 0
-    assert "round/verifier_agreement" in metrics  # its level is the simulated raters' test (a few pairs here)
 
 
 def test_a_round_without_any_rating_stops_resumably(cli_in_process, tmp_path, monkeypatch):

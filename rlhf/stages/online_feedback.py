@@ -156,7 +156,8 @@ def round_stats(rows: list[dict], items: list[dict], task) -> dict[str, float]:
     if hasattr(task, "score"):  # how often the raters' pairs agree with the task's verifier
         scored = [(task.score(row["prompt"], row["chosen"]), task.score(row["prompt"], row["rejected"])) for row in rows if row["status"] == "pair"]
         unequal = [(c, r) for c, r in scored if c != r]
-        stats["round/verifier_agreement"] = sum(c > r for c, r in unequal) / len(unequal) if unequal else float("nan")
+        if unequal:  # none: left out, not NaN (metrics.json stays plain JSON)
+            stats["round/verifier_agreement"] = sum(c > r for c, r in unequal) / len(unequal)
     return stats
 
 
@@ -258,6 +259,9 @@ class OnlineFeedbackModule(L.LightningModule):
             log.info("%s round %d: %d items to rate (%d new) at %s", self.ctx.slot, r, len(items), new, self.url)
             used = {row["rating_id"] for row in all_round_rows(self.ctx.stage_dir)}
             ids = {row["id"] for row in items}
+            # every item this run published, with which responses ended with EOS (another run
+            # may publish under the same model name: its ratings are not ours)
+            finished = {row["id"]: row["finished"] for path in sorted((Path(self.ctx.stage_dir) / "rounds").glob("items_*.jsonl")) for row in read_round_rows(path)}
             need = math.ceil(cfg.min_rated * len(ids))
         waited = 0.0
         start = last_note = time.monotonic()
@@ -266,7 +270,7 @@ class OnlineFeedbackModule(L.LightningModule):
             if zero:
                 if self.page is not None:
                     self.page.check()  # the page the stage started is still up (else: one line)
-                ratings = [x for x in self.client.ratings(self.model_name) if x["item_id"] in self._run_items()]
+                ratings = [x for x in self.client.ratings(self.model_name) if x["item_id"] in finished]
                 per_item = Counter(x["item_id"] for x in ratings if x["item_id"] in ids)
                 rated = sum(n >= cfg.ratings_per_item for n in per_item.values())
                 waited = time.monotonic() - start
@@ -289,15 +293,7 @@ class OnlineFeedbackModule(L.LightningModule):
         if not zero:
             return None
         self.last_round["round/wait_s"] = waited
-        finished = {}
-        for path in sorted((Path(self.ctx.stage_dir) / "rounds").glob("items_*.jsonl")):
-            finished.update({row["id"]: row["finished"] for row in read_round_rows(path)})
         return [rating_row(x, k, finished) for k, x in enumerate(fresh)]
-
-    def _run_items(self) -> set[str]:
-        """Ids of every item this run published (another run may publish under the same model name)."""
-        rounds = Path(self.ctx.stage_dir) / "rounds"
-        return {row["id"] for path in sorted(rounds.glob("items_*.jsonl")) for row in read_round_rows(path)}
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
