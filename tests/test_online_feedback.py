@@ -20,7 +20,8 @@ pytest.importorskip("gunicorn")
 from conftest import REPO, TINY, run_cli  # noqa: E402
 
 from rlhf.errors import ConfigError, DataError  # noqa: E402
-from rlhf.feedback.live import FeedbackPageError, TrainerClient  # noqa: E402
+from rlhf.feedback.candidates import Item  # noqa: E402
+from rlhf.feedback.live import FeedbackPageError, LocalPage, TrainerClient  # noqa: E402
 from rlhf.feedback.store import FeedbackStore  # noqa: E402
 from rlhf.stages.online_feedback import Config, check_config, rating_row  # noqa: E402
 
@@ -65,6 +66,28 @@ def test_trainer_client_errors():
     client = TrainerClient("http://127.0.0.1:9/", "k", retry_s=0.3, timeout_s=1)  # port 9: nothing listens
     with pytest.raises(FeedbackPageError, match=r"unreachable for 0 s"):
         client.ratings("m")
+
+
+def test_trainer_client_against_a_page(tmp_path, feedback_server):
+    """The real page: the right key publishes (idempotently) and reads; a wrong key or an item of
+    another mode is refused in one line, which is what the stage's check before sampling sees."""
+    page = feedback_server("--db", str(tmp_path / "fb.sqlite"), env={"RLHF_FEEDBACK_TRAINER_KEY": "right-key"})
+    item = Item("ignored", "compare", "sort: ba\n", ("ab", "ba"), (0, 1), "run/online", "round 0")
+    client = TrainerClient(page.url, "right-key")
+    assert client.publish([item]) == 1 and client.publish([item]) == 0
+    assert client.ratings("run/online") == []
+    with pytest.raises(FeedbackPageError, match="refused GET /api/ratings: 403 wrong or missing trainer key"):
+        TrainerClient(page.url, "wrong-key").ratings("run/online")
+    with pytest.raises(FeedbackPageError, match="serves compare items, not rate"):
+        client.publish([Item("x", "rate", "p", ("a",), (0,), "run/online", "round 0")])
+
+
+def test_a_stopped_page_is_named(tmp_path):
+    page = LocalPage(tmp_path, mode="compare", db=str(tmp_path / "fb.sqlite"), database_url=None, host="127.0.0.1", port=0, ratings_per_item=1)
+    page.server = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    page.server.wait()
+    with pytest.raises(FeedbackPageError, match=r"the feedback page stopped \(exit 3\); see .*feedback_page.log"):
+        page.check()
 
 
 # ------------------------------------------------------------------------------ end to end
